@@ -1,0 +1,1 @@
+"""Model building blocks: towers, teacher, shared block and the S-SMKE student."""
