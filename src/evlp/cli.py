@@ -1,0 +1,72 @@
+"""The ``evlp`` command. Every user error becomes one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from evlp.errors import EvlpError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="packaged config name, e.g. training/s_smke (default: "
+                        "quickstart)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. base_dir=/data")
+
+
+def cmd_train(args) -> int:
+    from evlp.config import load_config
+    from evlp.train.recipe import quiet_third_party_logs, run_pretraining
+    from evlp.train.report import results_table
+
+    cfg = load_config(args.config, args.overrides)
+    quiet_third_party_logs()
+    results = run_pretraining(cfg)
+    if results:
+        print()
+        print(results_table(results))
+        print(f"\nrun folder: {os.path.join(cfg.log_dir, cfg.run_name)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from evlp.config import load_config
+    from evlp.info import describe, format_info, info_json
+
+    cfg = load_config(args.config, args.overrides)
+    info = describe(cfg)
+    print(info_json(info) if args.json else format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evlp", description="Efficient vision-language pretraining (S-SMKE).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="pretrain (no config: the embedded quickstart on CPU)")
+    _add_config_args(train)
+    train.set_defaults(handler=cmd_train)
+
+    info = sub.add_parser("info", help="architecture and parameter counts, without loading weights")
+    _add_config_args(info)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except EvlpError as e:
+        print(f"evlp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evlp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
