@@ -1,0 +1,392 @@
+"""Image-text pairs from WebDataset tar shards, as whole batches, with DDP-equal epochs and exact resume.
+
+A shard is a tar of samples ``<key>.{jpg,jpeg,png,webp}`` + ``<key>.{txt,text,caption}`` (+ optional ``<key>.json``
+metadata). ``ImageTextShards`` yields batches (build the DataLoader with ``batch_size=None``; ``make_loader`` does):
+
+    image         float32 (B, 3, H, W)   transformed in the workers
+    text          int64   (B, L)         [CLS] caption [SEP] [PAD]...
+    padding_mask  bool    (B, L)         True at padding
+    image_id      int64   (B,)           json "image_id", else the numeric key, else a hash of the key
+    meta          list[dict]             the json metadata ({} when absent)
+    caption       list[str]
+
+Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size)`` before each epoch's iter():
+
+* The epoch's shard order comes from ``(seed, epoch)``. Each (rank, worker) slot reads its own part of the data:
+  whole shards when there are at least as many shards as slots, otherwise every n-th sample of every shard. Its
+  samples pass through a shuffle buffer seeded by ``(seed, epoch, slot)``; a slot that runs out before its quota
+  reads its data again.
+* Every rank yields exactly ``len(dataset) = num_samples // (batch_size * world_size)`` batches, so DDP ranks stay
+  in step. Batch ``b`` comes from worker ``b % num_workers``, the order in which the DataLoader collects them.
+* Each sample's augmentation is drawn after seeding torch's and Python's RNGs from ``(seed, epoch, sample)``, so a
+  batch is a function of its position alone. ``configure(epoch, start_batch=s)`` then reproduces batches
+  ``s, s+1, ...`` of the uninterrupted epoch bit for bit: each worker skips the raw bytes of the batches already
+  done (nothing is decoded) and takes over the role of the worker that produced batch ``s + worker_id``.
+
+Evaluation (``train=False``): every sample once, in shard order, the last batch possibly partial, no randomness and
+no rank split. Worker ``w`` decodes batches ``w, w + num_workers, ...`` of the common stream.
+
+A sample without a readable image or caption is skipped and counted (``num_bad``, per process), with a warning for
+any shard where more than ``max_bad_fraction`` of the samples are bad. A training batch whose image fails to decode
+only after passing the cheap header check is filled up with a copy of another sample of the same batch, which
+keeps the batch size and the resume positions intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tarfile_samples
+
+from evlp.data.tokenizer import TextTokenizer
+from evlp.errors import EvlpError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("txt", "text", "caption")
+MAX_FAILED_BATCHES = 10  # whole training batches in a row with no decodable image before we give up on the data
+
+
+def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Shard paths from a brace pattern (``/data/cc3m/{000000..000331}.tar``), a folder of ``*.tar``, or a list."""
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [urls]
+    expanded = []
+    for url in map(str, urls):
+        if os.path.isdir(url):
+            expanded += sorted(str(p) for p in Path(url).glob("*.tar"))
+        else:
+            expanded += wds.shardlists.expand_urls(url)
+    if not expanded:
+        raise EvlpError(f"no shards found in {urls}")
+    return expanded
+
+
+def count_samples(urls: str | Iterable[str]) -> int:
+    """Number of samples in the shards: from ``stats.json`` next to them when it lists them, else by reading tars.
+
+    ``stats.json`` (written by ``prepare_quickstart`` and the downloaders) holds ``{"shards": {"000000.tar": n, ...}}``.
+    Counting a tar reads its headers only.
+    """
+    total = 0
+    listed: dict[str, dict] = {}
+    for url in expand_urls(urls):
+        directory, name = os.path.split(url)
+        if directory not in listed:
+            listed[directory] = _listed_counts(Path(directory) / "stats.json")
+        n = listed[directory].get(name)
+        total += n if isinstance(n, int) else _count_tar(url)
+    return total
+
+
+def _listed_counts(stats_path: Path) -> dict:
+    try:
+        shards = json.loads(stats_path.read_text()).get("shards", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return shards if isinstance(shards, dict) else {}
+
+
+def _count_tar(url: str) -> int:
+    if ":" in url.split("/", 1)[0]:  # pipe:, http:, s3: ...
+        raise EvlpError(f"cannot count the samples of {url} (not a local file): give num_samples explicitly")
+    if not os.path.isfile(url):
+        raise EvlpError(f"shard {url} not found")
+    keys = set()
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                prefix, _ = base_plus_ext(member.name)
+                if member.isreg() and prefix is not None and not os.path.basename(member.name).startswith("__"):
+                    keys.add(prefix)
+    except (tarfile.TarError, OSError) as e:
+        log.warning("%s: unreadable past %d samples (%s)", url, len(keys), e)
+    return len(keys)
+
+
+def _batches_of(worker: int, end: int, num_workers: int) -> int:
+    """How many of the batches ``0 .. end-1`` come from ``worker`` (batch b comes from worker b % num_workers)."""
+    return (end - worker + num_workers - 1) // num_workers
+
+
+class ImageTextShards(IterableDataset):
+    """Batches of image-text pairs from tar shards; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        urls: str | Iterable[str],
+        tokenizer: TextTokenizer,
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        num_samples: int | None = None,
+        max_bad_fraction: float = 0.1,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.urls = expand_urls(urls)
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_bad_fraction = max_bad_fraction
+        if num_samples is None:
+            try:
+                num_samples = count_samples(self.urls)
+            except EvlpError:
+                if train:
+                    raise
+        self.num_samples = num_samples  # None only for evaluation over shards that cannot be counted
+        self.epoch, self.start_batch, self.rank, self.world_size = 0, 0, 0, 1
+        # Bad-sample bookkeeping; each DataLoader worker keeps its own copy.
+        self.num_bad = 0
+        self._seen: Counter[str] = Counter()
+        self._bad: Counter[str] = Counter()
+        self._read: set[str] = set()  # shards read to the end at least once
+        self._warned: set[str] = set()
+
+    def configure(self, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        """Set the epoch, the batch to resume from, and this process's DDP rank. Call before iter(); evaluation
+        ignores ``rank`` and ``world_size`` (every process gets every sample)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if epoch < 0 or start_batch < 0:
+            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch} and {start_batch}")
+        self.epoch, self.rank, self.world_size = epoch, rank, world_size
+        if self.train and start_batch > len(self):
+            raise ValueError(f"start_batch {start_batch} is past the end of the epoch ({len(self)} batches)")
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        """Batches in a full epoch on this rank (after ``configure(start_batch=s)``, iteration yields len - s)."""
+        if self.num_samples is None:
+            raise TypeError("the number of samples of these shards is unknown: pass num_samples")
+        if not self.train:
+            return math.ceil(self.num_samples / self.batch_size)
+        n = self.num_samples // (self.batch_size * self.world_size)
+        if n == 0:
+            raise EvlpError(
+                f"{self.num_samples} samples do not fill one batch of {self.batch_size} on each of "
+                f"{self.world_size} processes: lower data.batch_size or add data"
+            )
+        return n
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.train:
+            return self._train_batches(worker, num_workers)
+        return self._eval_batches(worker, num_workers)
+
+    # -- batch schedules ------------------------------------------------------------------------------------------
+
+    def _train_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        n, s = len(self), self.start_batch
+        # The DataLoader restarts its round robin at worker 0, so after a resume worker `worker` yields batches
+        # s + worker, s + worker + num_workers, ...: those of worker `role` in the uninterrupted epoch.
+        role = (s + worker) % num_workers
+        done, quota = _batches_of(role, s, num_workers), _batches_of(role, n, num_workers)
+        records = self._slot_records(self.rank * num_workers + role, self.world_size * num_workers)
+        records = itertools.islice(records, done * self.batch_size, None)  # raw bytes only: nothing decoded
+        for _ in range(quota - done):
+            # None only when not one image of the batch decodes; then the next records stand in for it.
+            for _ in range(MAX_FAILED_BATCHES):
+                batch = self._make_batch(list(itertools.islice(records, self.batch_size)))
+                if batch is not None:
+                    break
+            else:
+                raise EvlpError(f"{MAX_FAILED_BATCHES} batches in a row without a decodable image ({self.urls[0]}, ...)")
+            yield batch
+
+    def _eval_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
+        records = self._records(self.urls, select=None, pass_=0)
+        for b in itertools.count():
+            chunk = list(itertools.islice(records, self.batch_size))
+            if not chunk:
+                return
+            if b >= self.start_batch and (b - self.start_batch) % num_workers == worker:
+                batch = self._make_batch(chunk)
+                if batch is not None:
+                    yield batch
+
+    def _slot_records(self, slot: int, num_slots: int) -> Iterator[dict]:
+        """The endless shuffled record stream of one (rank, worker) slot for the configured epoch."""
+        shards = list(self.urls)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+        if len(shards) >= num_slots:
+            shards, select = shards[slot::num_slots], None
+        else:
+            select = (slot, num_slots)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}")
+        for pass_ in itertools.count():
+            # Drained at the end of each pass, so the first pass yields each of the slot's samples exactly once.
+            shuffle = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
+            shuffled = shuffle(self._records(shards, select, pass_))
+            n = 0
+            for record in shuffled:
+                n += 1
+                yield record
+            if n == 0:
+                raise EvlpError(f"no valid sample in the {len(shards)} shards of data slot {slot} ({shards[0]}, ...)")
+
+    # -- reading and decoding -------------------------------------------------------------------------------------
+
+    def _records(self, shards: list[str], select: tuple[int, int] | None, pass_: int) -> Iterator[dict]:
+        """Valid raw samples of ``shards`` in order. ``select=(k, n)`` keeps samples k, k+n, k+2n, ... (counted over
+        all samples of all shards). Checks only what is cheap: an image whose header parses and a caption."""
+        position = -1
+        for url in shards:
+            for sample in tarfile_samples([dict(url=url)], handler=_tar_error_handler):
+                position += 1
+                if select is not None and position % select[1] != select[0]:
+                    continue
+                self._seen[url] += 1
+                record = _to_record(sample, url, pass_)
+                if record is None:
+                    self._count_bad(url, f"{url}: sample {sample.get('__key__')} has no readable image or caption")
+                    continue
+                yield record
+            self._read.add(url)
+            self._check_shard(url)
+
+    def _make_batch(self, records: list[dict]) -> dict | None:
+        images, kept = [], []
+        if self.train:
+            # Per-sample seeding below must not leak into the caller's RNG streams (num_workers=0 runs in the
+            # training process, where the same generators drive dropout).
+            saved = torch.get_rng_state(), random.getstate()
+        for r in records:
+            if self.train:
+                seed = self._sample_seed(r)
+                torch.default_generator.manual_seed(seed)
+                random.seed(seed)
+            try:
+                with Image.open(io.BytesIO(r["image"])) as image:
+                    images.append(self.transform(image))
+            except Exception as e:  # any decoder or transform failure: the sample is bad, the run goes on
+                self._count_bad(r["url"], f"{r['url']}: sample {r['key']}: {type(e).__name__}: {e}")
+                continue
+            kept.append(r)
+        if self.train:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+        if not kept:
+            return None
+        if self.train:
+            # Fixed batch size (DDP gathers need it): fill the holes with copies of samples that did decode.
+            good = len(kept)
+            for i in range(len(records) - good):
+                images.append(images[i % good])
+                kept.append(kept[i % good])
+        metas = [_parse_meta(r.get("json")) for r in kept]
+        captions = [r["caption"] for r in kept]
+        text, padding_mask = self.tokenizer(captions)
+        return dict(
+            image=torch.stack(images),
+            text=text,
+            padding_mask=padding_mask,
+            image_id=torch.tensor([_image_id(m, r["key"]) for m, r in zip(metas, kept)], dtype=torch.long),
+            meta=metas,
+            caption=captions,
+        )
+
+    def _sample_seed(self, record: dict) -> int:
+        # The shard's last two path components, not its full path: a moved dataset resumes with the same augmentations.
+        source = "/".join(Path(record["url"]).parts[-2:])
+        text = f"{self.seed}/{self.epoch}/{record['pass']}/{source}/{record['key']}"
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+    def _count_bad(self, url: str, why: str) -> None:
+        self.num_bad += 1
+        self._bad[url] += 1
+        log.debug("skipping bad sample: %s", why)
+        self._check_shard(url)
+
+    def _check_shard(self, url: str) -> None:
+        seen, bad = self._seen[url], self._bad[url]
+        if url in self._read and url not in self._warned and bad > self.max_bad_fraction * seen:
+            self._warned.add(url)
+            log.warning(
+                "%s: %d of %d samples are bad (unreadable image or missing caption), more than max_bad_fraction=%g",
+                url, bad, seen, self.max_bad_fraction,
+            )  # fmt: skip
+
+
+def _tar_error_handler(exn: Exception) -> bool:
+    log.warning("cannot read on in a shard, skipping the rest of it: %s", exn)
+    return True
+
+
+def _to_record(sample: dict, url: str, pass_: int) -> dict | None:
+    """The fields we use from a raw WebDataset sample, or None when it has no parsable image or no caption."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    text_ext = next((e for e in TEXT_EXTENSIONS if e in sample), None)
+    if image_ext is None or text_ext is None:
+        return None
+    try:
+        caption = sample[text_ext].decode("utf-8").strip()
+        Image.open(io.BytesIO(sample[image_ext]))  # parses the header only: rejects non-images without decoding
+    except Exception:
+        return None
+    if not caption:
+        return None
+    return {
+        "key": sample["__key__"],
+        "url": url,
+        "pass": pass_,
+        "image": sample[image_ext],
+        "caption": caption,
+        "json": sample.get("json"),
+    }
+
+
+def _parse_meta(raw: bytes | None) -> dict:
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _image_id(meta: dict, key: str) -> int:
+    image_id = meta.get("image_id")
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        return image_id
+    stem = key.rsplit("/", 1)[-1]
+    if stem.isdigit():
+        return int(stem)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def make_loader(dataset: ImageTextShards, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches. Workers are not persistent, so each epoch's iter() sees ``configure``."""
+    if num_workers > 0:
+        # The tokenizer runs in the workers; Rust-side threads in forked workers only add contention and warnings.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
+    )

@@ -1,0 +1,86 @@
+"""Checkpoint files: atomic writes, the original's names, finding the latest one to resume from.
+
+Names follow the original: ``<model_path>/<run_name>/model-{step}-{loss:.4f}-train.ckpt``. A checkpoint is written
+to a temporary file in the same folder, flushed to disk and then renamed over its final name, so a process killed
+mid-write never leaves a truncated file under a real checkpoint name and never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from evlp.errors import EvlpError
+
+CHECKPOINT_RE = re.compile(r"^model-(\d+)-(-?[\d.]+|nan|inf)-(train|val)\.ckpt$")
+
+
+def checkpoint_name(step: int, loss: float, kind: str = "train") -> str:
+    return f"model-{step}-{loss:.4f}-{kind}.ckpt"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with an atomic write; loading stays ``weights_only`` where possible."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        return load_training_checkpoint(path, map_location=map_location or "cpu")
+
+
+def load_training_checkpoint(path, map_location="cpu") -> dict:
+    """Read an evlp training checkpoint without running code from it (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvlpError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated file, a foreign pickle, an HTML page ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvlpError(f"cannot read checkpoint {path} as an evlp training checkpoint: {first}") from None
+
+
+def list_checkpoints(folder: Path, kind: str = "train") -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints in ``folder``, oldest first."""
+    found = []
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and m.group(3) == kind:
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(resume: Optional[str], folder: Path) -> Optional[Path]:
+    """``None`` -> start fresh; ``latest`` -> newest checkpoint in the run's folder (fresh if none); else a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(folder)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise EvlpError(f"resume={resume}: no such checkpoint; use resume=latest or the path of a .ckpt file")
+    return path

@@ -1,0 +1,88 @@
+"""The human side of a run folder: a results table on stdout, ``report.md`` and ``curves.png``."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+RETRIEVAL_KEYS = ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"]
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per metric, the model beside a random model."""
+    chance = results.get("chance", {})
+    rows = ["| metric | model | random model |", "|---|---:|---:|"]
+    for key in RETRIEVAL_KEYS:
+        if key in results.get("retrieval", {}):
+            c = chance.get("retrieval", {}).get(key)
+            rows.append(f"| {key} | {results['retrieval'][key]:.2f} | {'' if c is None else f'{c:.2f}'} |")
+    zs = results.get("zeroshot")
+    if zs:
+        for name, task in zs["tasks"].items():
+            rows.append(f"| zero-shot {name} top-1 ({task['classes']} classes) | {task['top1']:.2f} | "
+                        f"{100 / task['classes']:.2f} |")
+        rows.append(f"| zero-shot mean top-1 | {zs['top1']:.2f} | {chance.get('zeroshot', {}).get('top1', 0):.2f} |")
+    return "\n".join(rows)
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    if path.exists():
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                series[row["name"]].append((int(row["step"]), float(row["value"])))
+    return series
+
+
+def plot_curves(metrics_csv: Path, out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(metrics_csv)
+    panels = [
+        ("loss", ["train/loss", "train/kd_loss", "train/itc_loss", "val/loss"]),
+        ("contrastive accuracy", ["train/x_itc_acc", "train/kd_acc", "val/x_itc_acc"]),
+        ("learning rate", ["lr"]),
+        ("pairs/s", ["perf/pairs_per_s"]),
+    ]
+    panels = [(title, [n for n in names if series.get(n)]) for title, names in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels):
+        for name in names:
+            steps, values = zip(*series[name])
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(cfg: DictConfig, run_dir: Path, results: dict) -> str:
+    table = results_table(results)
+    has_curves = plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+    protocol = results.get("protocol", {})
+    lines = [
+        f"# {cfg.run_name}",
+        "",
+        f"Steps: {results.get('steps')}; last checkpoint: `{results.get('checkpoint')}`.",
+        "",
+        table,
+        "",
+        "Protocol: " + "; ".join(f"{k}: {v}" for k, v in protocol.items()),
+    ]
+    if has_curves:
+        lines += ["", "![training curves](curves.png)"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return table

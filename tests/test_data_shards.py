@@ -1,0 +1,238 @@
+"""ImageTextShards: equal per-rank epochs, disjoint ranks, determinism, exact resume, evaluation order, bad samples."""
+
+import io
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from evlp.data.shards import ImageTextShards, count_samples, make_loader
+from evlp.data.synthetic import generate_sample, prepare_quickstart
+from evlp.data.tokenizer import TextTokenizer, load_tokenizer
+from evlp.data.transforms import eval_transform, to_rgb, train_transform
+from evlp.errors import EvlpError
+
+B = 8
+SHARD = 40  # 5 train shards of 40: image_id // SHARD is the shard index
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_quickstart(tmp_path_factory.mktemp("qs"), num_train=200, num_val=50, image_size=32, shard_size=SHARD)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data):
+    return TextTokenizer(load_tokenizer(data.vocab_dir), max_len=24)
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """A cheap transform for the tests that only look at which samples arrive."""
+    return torch.from_numpy(np.asarray(to_rgb(image)).copy()).permute(2, 0, 1).float()
+
+
+def epoch(ds, num_workers, epoch=0, start_batch=0, rank=0, world_size=1):
+    ds.configure(epoch, start_batch=start_batch, rank=rank, world_size=world_size)
+    return list(make_loader(ds, num_workers))
+
+
+def ids(batches):
+    return [i for b in batches for i in b["image_id"].tolist()]
+
+
+def assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys() and x["caption"] == y["caption"] and x["meta"] == y["meta"]
+        for key in ("image", "text", "padding_mask", "image_id"):
+            assert torch.equal(x[key], y[key]), key
+
+
+def test_batch_layout(data, tokenizer):
+    ds = ImageTextShards(data.train_urls, tokenizer, train_transform(32, hflip=0), B, train=True, shuffle_buffer=16)
+    batch = epoch(ds, 0)[0]
+    assert batch.keys() == {"image", "text", "padding_mask", "image_id", "meta", "caption"}
+    assert batch["image"].shape == (B, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == batch["padding_mask"].shape == (B, 24)
+    assert batch["text"].dtype == torch.long and batch["padding_mask"].dtype == torch.bool
+    assert batch["image_id"].dtype == torch.long and len(batch["caption"]) == len(batch["meta"]) == B
+    for i, meta, caption in zip(batch["image_id"].tolist(), batch["meta"], batch["caption"]):
+        assert meta["image_id"] == i and generate_sample(i, image_size=32).caption == caption
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_get_equal_disjoint_epochs(data, tokenizer, world_size, num_workers):
+    ds = ImageTextShards(data.train_urls, tokenizer, pixels, B, train=True, shuffle_buffer=16)
+    expected = 200 // (B * world_size)
+    per_rank = []
+    for rank in range(world_size):
+        batches = epoch(ds, num_workers, epoch=2, rank=rank, world_size=world_size)
+        assert len(batches) == len(ds) == expected
+        assert all(len(b["caption"]) == B for b in batches)
+        per_rank.append(set(ids(batches)))
+    for r in range(world_size):
+        for q in range(r):
+            assert not per_rank[r] & per_rank[q]
+
+
+def test_workers_split_by_shard_when_there_are_enough(data, tokenizer):
+    ds = ImageTextShards(data.train_urls, tokenizer, pixels, B, train=True, shuffle_buffer=16)
+    batches = epoch(ds, 2)
+    shards = [{i // SHARD for i in ids(batches[w::2])} for w in range(2)]  # batch b comes from worker b % 2
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 5
+    # Worker 0 reads 3 shards (120 samples) for 13 batches; worker 1 reads 2 (80) for 12 and wraps around.
+    assert len(set(ids(batches[0::2]))) == 13 * B and len(set(ids(batches[1::2]))) == 80
+
+
+def test_deterministic_and_epochs_differ(data, tokenizer):
+    ds = ImageTextShards(data.train_urls, tokenizer, train_transform(32, hflip=0), B, train=True, shuffle_buffer=16)
+    first, again, other = epoch(ds, 0, epoch=1), epoch(ds, 0, epoch=1), epoch(ds, 0, epoch=2)
+    assert_same(first, again)
+    assert ids(first) != ids(other)
+    assert sorted(ids(first)) == list(range(200))  # one worker, 200 = 25 * 8: every sample exactly once
+    # The same sample is augmented differently in another epoch.
+    where = {i: (b, k) for b, batch in enumerate(other) for k, i in enumerate(batch["image_id"].tolist())}
+    b, k = where[first[0]["image_id"][0].item()]
+    assert not torch.equal(first[0]["image"][0], other[b]["image"][k])
+    ds2 = ImageTextShards(data.train_urls, tokenizer, train_transform(32, hflip=0), B, train=True, shuffle_buffer=16,
+                          seed=1)  # fmt: skip
+    assert ids(epoch(ds2, 0, epoch=1)) != ids(first)
+
+
+def test_iteration_leaves_the_callers_rng_alone(data, tokenizer):
+    ds = ImageTextShards(data.train_urls, tokenizer, train_transform(32), B, train=True, shuffle_buffer=16)
+    ds.configure(0)
+    torch.manual_seed(0)
+    random.seed(0)
+    next(iter(ds))
+    after = torch.rand(3), random.random()
+    torch.manual_seed(0)
+    random.seed(0)
+    assert torch.equal(after[0], torch.rand(3)) and after[1] == random.random()
+
+
+class CountingTransform:
+    def __init__(self, transform):
+        self.transform, self.calls = transform, 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.transform(image)
+
+
+@pytest.mark.parametrize("num_workers,world_size,rank", [(0, 1, 0), (2, 1, 0), (2, 2, 1)])
+def test_resume_reproduces_the_rest_of_the_epoch(data, tokenizer, num_workers, world_size, rank):
+    transform = CountingTransform(train_transform(32, hflip=0.5))
+    ds = ImageTextShards(data.train_urls, tokenizer, transform, B, train=True, shuffle_buffer=32)
+    full = epoch(ds, num_workers, epoch=3, rank=rank, world_size=world_size)
+    for s in (3, 6):
+        transform.calls = 0
+        resumed = epoch(ds, num_workers, epoch=3, start_batch=s, rank=rank, world_size=world_size)
+        assert_same(resumed, full[s:])
+        if num_workers == 0:  # skipped batches are never decoded or augmented
+            assert transform.calls == (len(full) - s) * B
+    assert epoch(ds, num_workers, epoch=3, start_batch=len(full), rank=rank, world_size=world_size) == []
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_yields_every_sample_once_in_order(data, tokenizer, num_workers):
+    ds = ImageTextShards(data.val_urls, tokenizer, eval_transform(32), B, train=False)
+    batches = epoch(ds, num_workers)
+    assert len(ds) == len(batches) == 7
+    assert [len(b["caption"]) for b in batches] == [B] * 6 + [2]  # last partial batch kept
+    assert ids(batches) == list(range(50))
+    assert_same(epoch(ds, 0, epoch=5), batches)  # no randomness
+    assert ids(epoch(ds, num_workers, start_batch=4)) == list(range(32, 50))
+
+
+def test_count_samples(data, tmp_path):
+    assert count_samples(data.train_urls) == 200
+    root = str(data.root / "val")
+    assert count_samples(root + "/{000000..000001}.tar") == 50 and count_samples(root) == 50
+    with pytest.raises(EvlpError, match="not found"):
+        count_samples(root + "/{000000..000002}.tar")
+    # Without stats.json the tar members are counted.
+    shard = tmp_path / "000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as sink:
+        for k in range(7):
+            sink.write({"__key__": f"{k:04d}", "png": b"x", "txt": b"y"})
+    assert count_samples([str(shard)]) == 7
+    with pytest.raises(EvlpError):
+        count_samples("pipe:cat /nowhere.tar")
+
+
+def test_too_little_data_and_bad_resume_point(data, tokenizer):
+    ds = ImageTextShards(data.val_urls, tokenizer, pixels, 32, train=True)
+    with pytest.raises(EvlpError, match="one batch"):
+        ds.configure(0, world_size=2)
+    ds.configure(0)
+    with pytest.raises(ValueError):
+        ds.configure(0, start_batch=len(ds) + 1)
+
+
+def _png(i):
+    buffer = io.BytesIO()
+    generate_sample(i, image_size=32).image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    """Two shards of 20; the first has 6 bad samples: 3 non-images, a truncated PNG, a missing and an empty caption."""
+    urls = []
+    for s in range(2):
+        url = str(tmp_path / f"{s:06d}.tar")
+        with wds.TarWriter(url, encoder=False) as sink:
+            for k in range(20):
+                i = s * 20 + k
+                sample = {"__key__": f"{i:06d}", "png": _png(i), "txt": f"caption {i}".encode(),
+                          "json": json.dumps({"image_id": i}).encode()}  # fmt: skip
+                if s == 0 and k in (1, 2, 3):
+                    sample["png"] = b"not an image"
+                elif s == 0 and k == 5:
+                    sample["png"] = sample["png"][: len(sample["png"]) // 2]
+                elif s == 0 and k == 8:
+                    del sample["txt"]
+                elif s == 0 and k == 13:
+                    sample["txt"] = b"  "
+                sink.write(sample)
+        urls.append(url)
+    return urls
+
+
+def test_bad_samples_are_skipped_and_counted(damaged, tokenizer, caplog):
+    bad = {1, 2, 3, 5, 8, 13}
+    ds = ImageTextShards(damaged, tokenizer, eval_transform(32), 4, train=False)
+    with caplog.at_level(logging.WARNING, logger="evlp.data.shards"):
+        batches = epoch(ds, 0)
+    assert ids(batches) == [i for i in range(40) if i not in bad]
+    assert ds.num_bad == len(bad)
+    warned = [r.getMessage() for r in caplog.records if "max_bad_fraction" in r.getMessage()]
+    assert len(warned) == 1 and damaged[0] in warned[0]
+
+    train = ImageTextShards(damaged, tokenizer, train_transform(32), 4, train=True, shuffle_buffer=8)
+    batches = epoch(train, 0)
+    assert len(batches) == len(train) == 10 and all(b["image"].shape[0] == 4 for b in batches)
+    assert not set(ids(batches)) & bad and train.num_bad >= len(bad)
+
+
+def test_damaged_tar_and_undecodable_data(damaged, tokenizer, caplog):
+    with open(damaged[1], "r+b") as f:  # cut the second shard in the middle of a member
+        f.truncate(f.seek(0, 2) // 2 + 100)
+    ds = ImageTextShards(damaged, tokenizer, eval_transform(32), 4, train=False, num_samples=40)
+    with caplog.at_level(logging.WARNING, logger="evlp.data.shards"):
+        seen = ids(epoch(ds, 0))
+    assert seen[:14] == [i for i in range(20) if i not in {1, 2, 3, 5, 8, 13}] and 20 < len(seen) < 40
+
+    def truncated(image):
+        raise OSError("image file is truncated")
+
+    train = ImageTextShards(damaged[:1], tokenizer, truncated, 4, train=True, num_samples=20)
+    with pytest.raises(EvlpError, match="without a decodable image"):
+        epoch(train, 0)
