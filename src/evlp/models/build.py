@@ -11,11 +11,12 @@ from evlp.models.image import Data2Vec2ImageTower
 from evlp.models.s_smke import SSMKE
 from evlp.models.teacher import BEiTv2Teacher
 from evlp.models.text import BertTextTower, bert_config
+from evlp.pretrained.commands import WEIGHT_URLS
 
 # Where the seed README tells users to get each upstream file.
 DOWNLOAD_URLS = {
-    "data2vec2": "https://dl.fbaipublicfiles.com/fairseq/data2vec2/base_imagenet.pt",
-    "beitv2": "https://github.com/addf400/files/releases/download/BEiT-v2/beitv2_base_patch16_224_pt1k.pth",
+    "data2vec2": WEIGHT_URLS["base_imagenet.pt"],
+    "beitv2": WEIGHT_URLS["beitv2_base_patch16_224_pt1k.pth"],
 }
 
 

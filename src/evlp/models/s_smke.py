@@ -92,6 +92,12 @@ class SSMKE(nn.Module):
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor, padding_mask: torch.Tensor) -> tuple[dict, dict]:
         return self.forward_image(images), self.forward_text(token_ids, padding_mask)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the towers' block activations in backward: much less activation memory for ~1/3 more compute.
+        The single shared block keeps its activations (its fc1 output is a loss input anyway)."""
+        self.image_tower.set_grad_checkpointing(enable)
+        self.text_tower.set_grad_checkpointing(enable)
+
     @torch.no_grad()
     def clamp_logit_scales(self, max_logit_scale: float = 100.0) -> None:
         """Keep both ITC scales in [1, max] (the original clamps to ln 100, as FLAVA/VLMo)."""

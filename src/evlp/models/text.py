@@ -58,13 +58,28 @@ class BertTextTower(nn.Module):
     def depth(self) -> int:
         return len(self.bert.encoder.layer)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in backward instead of storing them (timm's method name)."""
+        if enable:
+            # Non-reentrant checkpointing is PyTorch's recommended mode and works under torch.compile.
+            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.bert.gradient_checkpointing_disable()
+
     def forward_features(
             self,
             token_ids: torch.Tensor,
             padding_mask: torch.Tensor | None = None,
             token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attention_mask = None if padding_mask is None else (~padding_mask.bool()).long()
+        attention_mask = None
+        if padding_mask is not None:
+            keep = ~padding_mask.bool()  # (B, L), True where a key may be attended to
+            # Under SDPA, hand BERT the final (B, 1, 1, L) boolean mask, which it passes through as is. From a 2-D mask
+            # it would first test `mask.all()` in Python to maybe drop it: a host-device sync on every text forward
+            # (and a graph break under torch.compile). Other attention implementations want their own mask format.
+            sdpa = self.bert.config._attn_implementation == "sdpa"
+            attention_mask = keep[:, None, None, :] if sdpa else keep.long()
         out = self.bert(input_ids=token_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         return out.last_hidden_state
 

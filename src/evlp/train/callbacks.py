@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 from evlp.errors import EvlpError
 from evlp.train.checkpoint import checkpoint_name, list_checkpoints
@@ -20,28 +22,39 @@ class DataPosition(L.Callback):
     Lightning cannot resume an iterable dataset mid-epoch by itself. We count the batches consumed in the current
     epoch; a resumed run configures the shards to start right after them (the shards reproduce the same stream,
     augmentations included, see ``evlp.data.shards``). Python's and torch's RNG states travel along.
+
+    Timing matters with loader workers, which get a copy of the dataset when Lightning creates the iterator: for
+    the first epoch that happens before ``on_train_start``, so the dataset is configured in ``setup`` (fresh run,
+    also fixing ``len()`` for the real world size) and in ``load_state_dict`` (resume); later epochs are configured
+    in ``on_train_epoch_start``, which Lightning calls before it creates that epoch's iterator.
     """
 
     def __init__(self, dataset):
         self.dataset = dataset
         self.epoch = 0
         self.batches_in_epoch = 0
-        self._restored = False
+        self._rank, self._world_size = 0, 1
+        self._pending_rng = None
 
-    def _configure(self, trainer, start_batch: int) -> None:
-        self.dataset.configure(self.epoch, start_batch, trainer.global_rank, trainer.world_size)
+    def _configure(self) -> None:
+        self.dataset.configure(self.epoch, self.batches_in_epoch, self._rank, self._world_size)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Called after a checkpoint restore; a fresh run starts at (0, 0).
-        self._configure(trainer, self.batches_in_epoch)
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._rank, self._world_size = trainer.global_rank, trainer.world_size
+        self._configure()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # Not called by Lightning when it resumes mid-epoch, which is what on_train_start handles.
-        if self._restored:
-            self._restored = False
-            return
+        # Lightning skips this hook for the epoch it resumes in (load_state_dict configured that one).
         self.epoch, self.batches_in_epoch = trainer.current_epoch, 0
-        self._configure(trainer, 0)
+        self._configure()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Restored here rather than at load time: creating the data iterator draws from torch's RNG, which the
+        # uninterrupted run did before the checkpoint's state was captured.
+        if self._pending_rng is not None:
+            torch.set_rng_state(self._pending_rng["torch_rng"])
+            random.setstate(self._pending_rng["python_rng"])
+            self._pending_rng = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches_in_epoch += 1
@@ -54,9 +67,8 @@ class DataPosition(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        self._restored = True
+        self._pending_rng = {"torch_rng": state["torch_rng"], "python_rng": state["python_rng"]}
+        self._configure()
 
 
 class StepCheckpoint(L.Callback):
@@ -100,7 +112,7 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         mean_loss = (self._loss_sum / self._loss_count).item() if self._loss_count else float("nan")
         path = self.folder / checkpoint_name(step, mean_loss)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self._loss_sum, self._loss_count = None, 0
         self.last_saved_step, self.last_path = step, path
         if trainer.is_global_zero and self.keep_last > 0:
@@ -147,45 +159,49 @@ class Throughput(L.Callback):
         self._last_end = None
 
 
-class MetricsCSV(L.Callback):
-    """Appends every logged scalar to ``metrics.csv`` as ``step,epoch,name,value`` rows.
+class CSVLogger(Logger):
+    """Lightning logger writing every logged scalar to ``metrics.csv`` as ``step,epoch,name,value`` rows.
 
-    The long format survives resumes: rows logged after the checkpoint a run resumes from are dropped once at the
-    start, then rows are only ever appended.
+    The long format keeps one file across resumes and across metrics that appear later (validation): a resumed
+    run first drops the rows logged after its checkpoint (``truncate_after``), then only appends.
     """
 
-    FIELDS = ["step", "epoch", "name", "value"]
+    FIELDS = ["step", "name", "value"]
 
     def __init__(self, path: Path):
+        super().__init__()
         self.path = Path(path)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the rows of the ``step`` optimizer steps a checkpoint holds (rows are numbered from 0)."""
         kept = []
         if self.path.exists():
             with self.path.open() as f:
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+        self._write(kept, "w")
+
+    def _write(self, rows: list[dict], mode: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as f:
+        new = mode == "w" or not self.path.exists()
+        with self.path.open(mode if not new else "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.FIELDS)
-            writer.writeheader()
-            writer.writerows(kept)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
 
-    def _append(self, trainer, prefixes: tuple) -> None:
-        if not trainer.is_global_zero:
-            return
-        rows = [
-            {"step": trainer.global_step, "epoch": trainer.current_epoch, "name": k, "value": float(v)}
-            for k, v in trainer.logged_metrics.items() if k.startswith(prefixes)
-        ]
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.FIELDS).writerows(rows)
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        rows = [{"step": step, "name": k, "value": float(v)} for k, v in metrics.items() if k != "epoch"]
+        self._write(rows, "a")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.log_every_n_steps == 0:
-            self._append(trainer, ("train/", "perf/", "lr"))
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._append(trainer, ("val/",))
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the resolved config is written to config.yaml by the recipe

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -28,8 +29,8 @@ from omegaconf import DictConfig
 from evlp.config import save_config
 from evlp.data.shards import make_loader
 from evlp.models.build import check_weight_files
-from evlp.train.callbacks import DataPosition, MetricsCSV, StepCheckpoint, Throughput
-from evlp.train.checkpoint import AtomicCheckpointIO, resolve_resume
+from evlp.train.callbacks import CSVLogger, DataPosition, StepCheckpoint, Throughput
+from evlp.train.checkpoint import AtomicCheckpointIO, load_training_checkpoint, resolve_resume
 from evlp.train.data import build_datasets, build_tokenizer, prepare_run_data
 from evlp.train.evaluate import evaluate_pretrained
 from evlp.train.module import PretrainModule
@@ -59,7 +60,8 @@ def build_strategy(cfg: DictConfig):
     return "auto"
 
 
-def run_pretraining(cfg: DictConfig) -> dict:
+def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
+    """Train, evaluate and write the run folder; returns the content of ``results.json`` (rank 0)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.log_dir) / cfg.run_name
     checkpoint_dir = Path(cfg.model_path) / cfg.run_name
@@ -75,13 +77,16 @@ def run_pretraining(cfg: DictConfig) -> dict:
         module.teacher.compile()
 
     t = cfg.trainer
+    csv_logger = CSVLogger(run_dir / "metrics.csv")
+    if resume_from is not None:
+        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"])
     checkpoints = StepCheckpoint(checkpoint_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints)
     callbacks = [
         DataPosition(train_set),  # before StepCheckpoint: a checkpoint must include the batch it was saved after
         checkpoints,
         Throughput(),
-        MetricsCSV(run_dir / "metrics.csv"),
         LearningRateMonitor(logging_interval="step"),
+        *extra_callbacks,
     ]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every_n_steps, 10))))
@@ -101,7 +106,7 @@ def run_pretraining(cfg: DictConfig) -> dict:
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=callbacks,
-        logger=TensorBoardLogger(save_dir=str(cfg.log_dir), name=cfg.run_name, version=""),
+        logger=[csv_logger, TensorBoardLogger(save_dir=str(cfg.log_dir), name=cfg.run_name, version="")],
         enable_checkpointing=False,  # StepCheckpoint writes the checkpoints (atomically, original names)
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
@@ -132,7 +137,12 @@ def run_pretraining(cfg: DictConfig) -> dict:
 
 
 def quiet_third_party_logs() -> None:
+    """Silence Lightning notices that are expected here and would bury the progress bar."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen teacher, on purpose
+    warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")  # shards split themselves
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
                  "lightning.fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)

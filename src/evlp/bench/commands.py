@@ -1,0 +1,46 @@
+"""The ``evlp bench`` command group. ``register(subparsers)`` adds ``bench`` and its subcommands (``train``; others
+plug in beside it with their own ``_add_<name>(kinds)``). Heavy imports happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_bench_train(args) -> int:
+    from evlp.bench.train import format_result, run_bench
+    from evlp.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_bench(cfg, args.config or "quickstart", batch_size=args.batch_size, steps=args.steps,
+                       warmup=args.warmup, device=args.device, vs=args.vs, compile_backend=args.compile_backend)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+def _add_train(kinds) -> None:
+    p = kinds.add_parser(
+        "train", help="time full training steps (teacher, student fwd+bwd, losses, AdamW) on synthetic inputs",
+        description="Times full training steps of the config's architecture (random weights, synthetic batch) and "
+                    "reports pairs/s, analytic GFLOPs per pair, achieved FLOP/s, MFU on known GPUs and peak memory. "
+                    "Switches come from the config: trainer.precision, trainer.compile, trainer.grad_checkpointing.",
+    )
+    p.add_argument("--config", default=None, help="packaged config name, e.g. training/s_smke (default: quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.compile=true")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (median reported; default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first, compilation included (default 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: data.batch_size)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--vs", choices=["open_clip"], default=None,
+                   help="also time open_clip with matching towers, alternating with evlp in this process")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend when trainer.compile=true (aot_eager: a quick capture check)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_bench_train)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    bench = subparsers.add_parser("bench", help="measure the toolkit: training step speed vs open_clip")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="{train}")
+    _add_train(kinds)
+    return bench

@@ -1,0 +1,319 @@
+"""``evlp bench train``: time full S-SMKE training steps on synthetic inputs and compare with open_clip.
+
+One timed step is what ``evlp train`` runs per batch (``PretrainModule.training_step`` + Lightning's optimisation):
+
+    with autocast(bf16 on GPU):        teacher forward (no grad) -> student forward -> KD (memory bank) + 2 x ITC
+    loss.backward(); AdamW.step(); zero_grad()
+
+built from the config with random weights (``load_weights=False``) and the config's switches (``trainer.precision``,
+``trainer.compile``, ``trainer.grad_checkpointing``). ``--vs open_clip`` builds an ``open_clip.CLIP`` with towers read
+off the built student (ViT of the same patch size, width, depth, heads and MLP; text transformer of the same width,
+depth, heads, vocabulary and sequence length; no teacher, no shared block) and times its step (forward, ``ClipLoss``,
+backward, the same AdamW) on the same batch. The two are timed alternately in one process (ABBA order), so machine
+noise hits both alike; each figure is the median over the timed steps.
+
+Work is counted analytically (``evlp.flops``), with the same formula for both models; their ratio of achieved FLOP/s
+says which step uses the hardware better, independent of how much work each model does per pair.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from evlp.errors import EvlpError
+from evlp.flops import G, PairFlops, blocks_flops, pair_flops, patch_embed_flops, peak_flops_for
+from evlp.train.module import PretrainModule
+from evlp.train.optim import build_optimizer, scaled_lr
+
+PRECISIONS = {"bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
+PAD_ID, CLS_ID = 0, 101  # BERT's [PAD] and [CLS]
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The config's ``trainer.precision`` as the recipe resolves it: ``auto`` is bf16-mixed on GPU, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    if precision not in PRECISIONS:
+        raise EvlpError(f"trainer.precision={precision} is not benchmarked; use one of auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def synthetic_batch(cfg: DictConfig, batch_size: int, vocab_size: int, device: torch.device, seed: int = 0) -> dict:
+    """Random images and captions of the config's shapes: ``[CLS]`` + random word pieces, then padding to
+    ``max_text_len`` after a random length of 4 tokens to full, so the attention masks are real."""
+    g = torch.Generator().manual_seed(seed)
+    size, length = cfg.data.image_size, cfg.data.max_text_len
+    lengths = torch.randint(min(4, length), length + 1, (batch_size, 1), generator=g)
+    padding_mask = torch.arange(length) >= lengths  # (B, L), True at padding
+    text = torch.randint(CLS_ID + 1, vocab_size, (batch_size, length), generator=g).masked_fill(padding_mask, PAD_ID)
+    text[:, 0] = CLS_ID
+    batch = {"image": torch.randn(batch_size, 3, size, size, generator=g), "text": text, "padding_mask": padding_mask}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a model holds between steps: parameters, buffers and optimizer state (grads are freed by zero_grad)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class TrainStep:
+    """A model, its optimizer and one training step: ``step(batch)``. Subclasses build the model and the loss."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    flops: PairFlops
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype | None):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+
+    def _optimizer(self, model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, batch_size)
+        return build_optimizer(model, lr, o.betas, o.eps, o.weight_decay, o.fused)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, batch: dict) -> None:
+        # Lightning's bf16-mixed: autocast around the forward and the loss only; backward and AdamW outside it.
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss = self.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class EvlpStep(TrainStep):
+    name = "evlp"
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype | None, batch_size: int,
+                 compile_backend: str = "inductor"):
+        super().__init__(cfg, device, dtype)
+        self.module = PretrainModule(cfg, load_weights=False).to(device).train()
+        self.model = self.module
+        self.flops = pair_flops(self.module.student, self.module.teacher, cfg.data.max_text_len)
+        # The same switches, in the same order, as evlp.train.recipe.
+        if cfg.trainer.grad_checkpointing:
+            self.module.student.set_grad_checkpointing()
+        if cfg.trainer.compile:
+            self.module.student.compile(backend=compile_backend)
+            self.module.teacher.compile(backend=compile_backend)
+        self.optimizer = self._optimizer(self.module.student, batch_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.module.student.text_tower.bert.config.vocab_size
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        # PretrainModule.training_step without self.log (there is no Trainer here), non-finite flag included.
+        loss = self.module._losses(batch, train=True)["loss"]
+        self.module.nonfinite |= ~torch.isfinite(loss.detach())
+        return loss
+
+
+def matching_open_clip(student: nn.Module, text_len: int, image_size: int) -> nn.Module:
+    """An ``open_clip.CLIP`` whose towers have the shapes of ``student``'s towers (the shared block has no
+    counterpart; its width becomes the embedding width)."""
+    import open_clip
+
+    image, text = student.image_tower, student.text_tower
+    block, bert = image.blocks[0], text.bert.config
+    vision_cfg = open_clip.CLIPVisionCfg(
+        layers=len(image.blocks), width=image.width, head_width=image.width // block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / image.width, patch_size=image.patch_embed.patch_size[0],
+        image_size=image_size,
+    )
+    text_cfg = open_clip.CLIPTextCfg(
+        context_length=text_len, vocab_size=bert.vocab_size, width=bert.hidden_size,
+        heads=bert.num_attention_heads, layers=text.depth, mlp_ratio=bert.intermediate_size / bert.hidden_size,
+    )
+    return open_clip.CLIP(embed_dim=student.embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
+
+
+def open_clip_flops(model: nn.Module, text_len: int) -> PairFlops:
+    """``evlp.flops``' formula applied to an open_clip CLIP: patch embedding + blocks of both towers, and the two
+    projections, which open_clip applies to the pooled token only."""
+    visual = model.visual
+    patches = visual.grid_size[0] * visual.grid_size[1]
+    projections = [visual.proj, model.text_projection]
+    return PairFlops(student={
+        "image_tower": patch_embed_flops(visual.conv1, patches)
+                       + blocks_flops(visual.transformer.resblocks, patches + 1, visual.transformer.width),
+        "text_tower": blocks_flops(model.transformer.resblocks, text_len, model.transformer.width),
+        "projections": sum(2 * (p.weight if isinstance(p, nn.Linear) else p).numel() for p in projections),
+    })
+
+
+class OpenClipStep(TrainStep):
+    name = "open_clip"
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype | None, batch_size: int,
+                 student: nn.Module, compile_backend: str = "inductor"):
+        super().__init__(cfg, device, dtype)
+        import open_clip
+
+        self.model = matching_open_clip(student, cfg.data.max_text_len, cfg.data.image_size).to(device).train()
+        self.flops = open_clip_flops(self.model, cfg.data.max_text_len)
+        self.clip_loss = open_clip.ClipLoss()
+        if cfg.trainer.grad_checkpointing:
+            self.model.set_grad_checkpointing()
+        if cfg.trainer.compile:
+            self.model.compile(backend=compile_backend)
+        self.optimizer = self._optimizer(self.model, batch_size)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+        return self.clip_loss(image_features, text_features, logit_scale)
+
+    def step(self, batch: dict) -> None:
+        super().step(batch)
+        with torch.no_grad():  # open_clip_train clamps after every step, as evlp does before it
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(models: list[TrainStep], batch: dict, steps: int, warmup: int) -> tuple[dict, dict]:
+    """Warm up, then time ``steps`` steps of each model, alternating in ABBA order so that neither model always runs
+    right after the other. -> ({name: [seconds]}, {name: peak bytes on CUDA during its timed steps})."""
+    device = models[0].device
+    for _ in range(warmup):
+        for m in models:
+            m.step(batch)
+    _sync(device)
+    times = {m.name: [] for m in models}
+    peaks = {m.name: 0 for m in models}
+    for i in range(steps):
+        for m in (models if i % 2 == 0 else models[::-1]):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            m.step(batch)
+            _sync(device)
+            times[m.name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[m.name] = max(peaks[m.name], torch.cuda.max_memory_allocated(device))
+    return times, peaks
+
+
+def figures(model: TrainStep, seconds: list[float], batch_size: int, peak_bytes: float, peak: float | None) -> dict:
+    step_s = statistics.median(seconds)
+    pairs_per_s = batch_size / step_s
+    achieved = pairs_per_s * model.flops.total  # FLOP/s
+    return {
+        "pairs_per_s": pairs_per_s,
+        "step_ms": 1e3 * step_s,
+        "gflops_per_pair": model.flops.gflops(),
+        "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+        "peak_mem_gb": peak_bytes / 1e9,
+    }
+
+
+def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
+              device: str | None = None, vs: str | None = None, compile_backend: str = "inductor") -> dict:
+    """Build, time and count; returns the JSON-ready result (see the module docstring)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvlpError("--device cuda: no CUDA device is visible to PyTorch")
+    if steps < 1 or warmup < 0:
+        raise EvlpError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    batch_size = batch_size or cfg.data.batch_size
+    dtype = autocast_dtype(cfg.trainer.precision, device)
+    torch.manual_seed(cfg.seed)
+
+    evlp = EvlpStep(cfg, device, dtype, batch_size, compile_backend)
+    models: list[TrainStep] = [evlp]
+    if vs == "open_clip":
+        try:
+            models.append(OpenClipStep(cfg, device, dtype, batch_size, evlp.module.student, compile_backend))
+        except ImportError:
+            raise EvlpError("--vs open_clip needs open_clip_torch (pip install -e '.[test]')") from None
+    batch = synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed)
+    times, peaks = time_steps(models, batch, steps, warmup)
+
+    if device.type == "cuda":
+        device_name, peak = torch.cuda.get_device_name(device), peak_flops_for(torch.cuda.get_device_name(device))
+        # Both models live in memory together: a model's own peak leaves out what the other holds between steps.
+        held = {m.name: state_bytes(m.model, m.optimizer) for m in models}
+        own_peak = {m.name: peaks[m.name] - sum(b for n, b in held.items() if n != m.name) for m in models}
+    else:
+        device_name, peak = "cpu", None
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        own_peak = {m.name: rss for m in models}  # the process's peak: not separable per model on CPU
+
+    t = cfg.trainer
+    result = {
+        "config": config_name, "device": device_name, "batch_size": batch_size,
+        "precision": "bf16-mixed" if dtype is not None else "32-true", "compile": bool(t.compile),
+        "grad_checkpointing": bool(t.grad_checkpointing), "steps": steps, "warmup": warmup,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        **figures(evlp, times["evlp"], batch_size, own_peak["evlp"], peak),
+    }
+    if vs == "open_clip":
+        other = figures(models[1], times["open_clip"], batch_size, own_peak["open_clip"], peak)
+        other["flops_ratio"] = result["achieved_tflops"] / other["achieved_tflops"]
+        result["open_clip"] = other
+    return result
+
+
+def format_result(r: dict) -> str:
+    """The human-readable report: work per pair by part, then one line per model."""
+    cpu = r["device"] == "cpu"
+    mem = "max RSS GB" if cpu else "peak mem GB"
+    switches = [r["precision"], "compiled" if r["compile"] else "eager"] + ["grad ckpt"] * r["grad_checkpointing"]
+    lines = [
+        f"evlp bench train: config {r['config']}, batch {r['batch_size']}, {r['device']}, {', '.join(switches)}, "
+        f"median of {r['steps']} steps after {r['warmup']} warm-up, torch {r['torch']}",
+        "",
+        "GFLOPs per pair (analytic, matmuls; student fwd+bwd = 3 x fwd, teacher fwd only)",
+    ]
+    g = r["gflops_per_pair"]
+    for name in ("image_tower", "text_tower", "projections", "shared_block", "kd_head"):
+        lines.append(f"  student {name:<20} {g[name]:>10.4f}")
+    for name, label in (("student_forward", "student forward"), ("student_train", "student fwd+bwd"),
+                        ("teacher", "teacher forward"), ("total", "total")):
+        lines.append(f"  {label:<28} {g[name]:>10.4f}")
+    rate = "GFLOP/s" if cpu else "TFLOP/s"
+    lines += ["", f"{'':<10} {'pairs/s':>10} {'step ms':>9} {'GFLOPs/pair':>12} {rate:>9} {'MFU':>6} {mem:>11}"]
+    models = [("evlp", r)] + ([("open_clip", r["open_clip"])] if "open_clip" in r else [])
+    for name, m in models:
+        achieved = m["achieved_tflops"] * (1e3 if cpu else 1)
+        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
+        lines.append(f"{name:<10} {m['pairs_per_s']:>10.1f} {m['step_ms']:>9.1f} {m['gflops_per_pair']['total']:>12.3f} "
+                     f"{achieved:>9.1f} {mfu:>6} {m['peak_mem_gb']:>11.2f}")
+    if "open_clip" in r:
+        lines += ["", f"achieved FLOP/s, evlp / open_clip: {r['open_clip']['flops_ratio']:.2f}x"]
+        if cpu:
+            lines.append("(on CPU the memory figure is the whole process's, both models together)")
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One Markdown row per model per result, for docs/benchmarks.md."""
+    head = ("| config | batch | precision | mode | model | pairs/s | GFLOPs/pair | achieved TFLOP/s | MFU | peak mem GB "
+            "| FLOP/s vs open_clip |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        mode = ("compiled" if r["compile"] else "eager") + (" + grad ckpt" if r["grad_checkpointing"] else "")
+        for name, m in [("evlp", r)] + ([("open_clip", r["open_clip"])] if "open_clip" in r else []):
+            mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
+            ratio = f"{r['open_clip']['flops_ratio']:.2f}x" if name == "evlp" and "open_clip" in r else ""
+            rows.append(f"| {r['config']} | {r['batch_size']} | {r['precision']} | {mode} | {name} "
+                        f"| {m['pairs_per_s']:.1f} | {m['gflops_per_pair']['total']:.3f} | {m['achieved_tflops']:.4g} "
+                        f"| {mfu} | {m['peak_mem_gb']:.2f} | {ratio} |")
+    return "\n".join([head, *rows])
+
