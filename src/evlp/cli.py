@@ -53,13 +53,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_download(args) -> int:
-    from evlp.pretrained.commands import download_weights
-
-    download_weights(args.data_path, base_url=args.base_url, convert=args.convert)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evlp", description="Efficient vision-language pretraining (S-SMKE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,13 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=cmd_info)
 
-    download = sub.add_parser("download", help="fetch data or weights into --data-path")
-    download.add_argument("what", choices=["weights"], help="weights: the Data2Vec2 and BEiTv2 checkpoints")
-    download.add_argument("--data-path", required=True, help="base_dir: files go to DATA_PATH/models/")
-    download.add_argument("--base-url", default=None, help="mirror to fetch the files from (file names appended)")
-    download.add_argument("--convert", action="store_true", help="also write safetensors copies, preferred later")
-    download.set_defaults(handler=cmd_download)
+    from evlp.data.commands import register as register_data
 
+    register_data(sub)  # download {weights,cc3m,cc12m,coco,flickr30k,imagenet,glue}, data convert
     from evlp.pretrained.commands import register as register_weights
 
     register_weights(sub)

@@ -1,0 +1,264 @@
+"""``evlp bench data``: pairs/s of the training input pipeline, shards vs loose files, in one run.
+
+Two readers of the same pre-resized JPEGs (shorter side 256, as the downloaders store them), each doing exactly the
+per-sample work of pretraining -- decode, ``train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4)``,
+tokenisation of the caption with ``TextTokenizer`` (max 64 tokens) -- and batching:
+
+* **shards**: ``ImageTextShards`` in training mode (tar shards, shuffle buffer, per-sample seeding);
+* **files**: a plain map-style dataset over the images as loose files (``PIL.Image.open`` + the same transform,
+  the caption from a ``.txt`` next to each image), batched by a ``DataLoader`` with shuffling: the
+  torchvision ``ImageFolder`` way.
+
+With ``--workers 0`` (the default) everything runs in this process on one torch thread, as in a loader worker, so
+the figures are pairs/s **per loader worker**; with ``--workers N`` they are the total of N worker processes (per
+worker = total / N while N <= cores).
+The readers alternate for ``--rounds`` rounds (noise from other load hits both) and each round times ``--batches``
+batches after ``--warmup`` untimed ones; the mean over rounds is reported. Without ``--shards`` it writes synthetic
+photo-like JPEG shards (smooth colour fields plus noise, ~25 KB each, close to web photos at 256 px) to a temporary
+folder; with ``--shards`` the loose-file copy is made from the first samples of those shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from webdataset.tariterators import tarfile_samples
+
+from evlp.data.shards import IMAGE_EXTENSIONS, TEXT_EXTENSIONS, ImageTextShards, expand_urls, make_loader
+from evlp.data.tokenizer import TextTokenizer, load_tokenizer
+from evlp.data.transforms import train_transform
+from evlp.errors import EvlpError
+
+CAPTION_WORDS = ("a photo of a small red car parked near the old stone bridge in the evening light with people "
+                 "walking along the river and trees in the background").split()
+
+
+def write_synthetic_shards(directory: Path, num_images: int, shard_size: int = 1000, seed: int = 0) -> Path:
+    """Photo-like 256-px JPEG shards (+ stats.json) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for k in range(math.ceil(num_images / shard_size)):
+        name = f"{k:06d}.tar"
+        indices = range(k * shard_size, min(num_images, (k + 1) * shard_size))
+        with wds.TarWriter(str(directory / name), encoder=False) as sink:
+            for i in indices:
+                width = int(rng.choice([256, 341, 384]))  # square, 4:3 and 3:2 landscapes
+                low = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+                field = Image.fromarray(low).resize((width, 256), Image.Resampling.BICUBIC)
+                pixels = np.asarray(field, dtype=np.int16) + rng.normal(0, 10, size=(256, width, 3)).astype(np.int16)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+                caption = " ".join(rng.choice(CAPTION_WORDS, size=int(rng.integers(6, 20))))
+                sink.write({"__key__": f"{i:09d}", "jpg": buffer.getvalue(), "txt": caption.encode(),
+                            "json": json.dumps({"image_id": i}).encode()})
+        counts[name] = len(indices)
+    (directory / "stats.json").write_text(json.dumps({"num_samples": num_images, "shards": counts}))
+    return directory
+
+
+def write_loose_files(shards: list[str], directory: Path, limit: int) -> list[tuple[str, str]]:
+    """The first ``limit`` samples of ``shards`` as ``<key>.<ext>`` + ``<key>.txt`` files; returns (image, caption
+    file) pairs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for sample in tarfile_samples([dict(url=url) for url in shards]):
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        text_ext = next((e for e in TEXT_EXTENSIONS if e in sample), None)
+        if image_ext is None or text_ext is None:
+            continue
+        stem = directory / f"{len(files):09d}"
+        image, text = stem.with_suffix(f".{image_ext}"), stem.with_suffix(".txt")
+        image.write_bytes(sample[image_ext])
+        text.write_bytes(sample[text_ext])
+        files.append((str(image), str(text)))
+        if len(files) == limit:
+            break
+    return files
+
+
+class LooseFiles(Dataset):
+    """The ImageFolder-style reader: one image file and one caption file per item."""
+
+    def __init__(self, files: list[tuple[str, str]], transform):
+        self.files = files
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        image_path, text_path = self.files[i]
+        with Image.open(image_path) as image:
+            pixels = self.transform(image)
+        return pixels, Path(text_path).read_text(encoding="utf-8").strip()
+
+
+class _Collate:
+    """Stack images and tokenise captions in the worker, as ImageTextShards does (picklable for worker processes)."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        images, captions = zip(*items)
+        text, padding_mask = self.tokenizer(list(captions))
+        return dict(image=torch.stack(images), text=text, padding_mask=padding_mask)
+
+
+def _time(loader, warmup: int, batches: int) -> float:
+    """Pairs/s over ``batches`` batches after ``warmup`` untimed ones (worker start-up included in the warm-up)."""
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    start, pairs = time.perf_counter(), 0
+    for _ in range(batches):
+        pairs += len(next(iterator)["image"])
+    return pairs / (time.perf_counter() - start)
+
+
+def run_data_bench(
+    shards: str | None = None,
+    num_images: int = 2048,
+    batch_size: int = 64,
+    batches: int = 12,
+    warmup: int = 2,
+    workers: int = 0,
+    rounds: int = 2,
+    tokenizer: str | None = None,
+) -> dict:
+    if min(num_images, batch_size, batches, rounds) < 1 or warmup < 0 or workers < 0:
+        raise EvlpError("bench data needs --num-images, --batch-size, --batches, --rounds >= 1 and "
+                        "--warmup, --workers >= 0")
+    needed = batch_size * (warmup + batches)
+    if num_images < needed:
+        raise EvlpError(f"{warmup} + {batches} batches of {batch_size} need --num-images >= {needed}")
+    load = _load()  # before we add our own: how busy the machine already was
+    transform = train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4)
+    with tempfile.TemporaryDirectory(prefix="evlp-bench-data-") as tmp:
+        tmp = Path(tmp)
+        if tokenizer is None:
+            from evlp.data.synthetic import write_vocab
+
+            tokenizer_name = "quickstart vocabulary"
+            text_tokenizer = TextTokenizer(load_tokenizer(write_vocab(tmp / "vocab")), max_len=64)
+        else:
+            tokenizer_name = tokenizer
+            text_tokenizer = TextTokenizer(load_tokenizer(tokenizer), max_len=64)
+        urls = expand_urls(shards) if shards else expand_urls(str(write_synthetic_shards(tmp / "shards", num_images)))
+        files = write_loose_files(urls, tmp / "files", num_images)
+        if len(files) < needed:
+            raise EvlpError(f"the shards hold {len(files)} readable samples; {needed} are needed")
+        image_bytes = statistics.mean(os.path.getsize(image) for image, _ in files)
+
+        shard_set = ImageTextShards(urls, text_tokenizer, transform, batch_size, train=True, seed=0,
+                                    num_samples=len(files))
+        file_set = LooseFiles(files, transform)
+        results = {"shards": [], "files": []}
+        threads = torch.get_num_threads()
+        if workers == 0:
+            torch.set_num_threads(1)  # what a DataLoader worker process gets: the figures are per worker
+        try:
+            for r in range(rounds):
+                shard_set.configure(epoch=r)
+                results["shards"].append(_time(make_loader(shard_set, workers), warmup, batches))
+                torch.manual_seed(r)
+                loader = DataLoader(file_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                    collate_fn=_Collate(text_tokenizer), drop_last=True)
+                results["files"].append(_time(loader, warmup, batches))
+        finally:
+            torch.set_num_threads(threads)
+    shard_rate, file_rate = statistics.mean(results["shards"]), statistics.mean(results["files"])
+    return dict(
+        shards_pairs_per_s=shard_rate,
+        files_pairs_per_s=file_rate,
+        rounds=results,
+        workers=workers,
+        per_worker=dict(shards=shard_rate / max(workers, 1), files=file_rate / max(workers, 1)),
+        batch_size=batch_size,
+        batches=batches,
+        warmup=warmup,
+        images=len(files),
+        mean_image_bytes=round(image_bytes),
+        source=shards or "synthetic 256-px JPEG shards",
+        tokenizer=tokenizer_name,
+        machine=f"{platform.machine()}, {os.cpu_count()} logical CPUs, load average {load} at the start",
+        cpu=_cpu_model(),
+        date=time.strftime("%Y-%m-%d"),
+    )
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: platform.processor() in "machine" is all there is
+    return platform.processor() or "unknown"
+
+
+def format_data_result(r: dict) -> str:
+    who = "per loader worker (in-process)" if r["workers"] == 0 else f"total of {r['workers']} workers"
+    lines = [
+        f"evlp bench data: {r['images']} images ({r['mean_image_bytes'] / 1000:.1f} KB mean JPEG) from {r['source']}, "
+        f"batch {r['batch_size']}, {r['batches']} timed batches after {r['warmup']}, {len(r['rounds']['shards'])} "
+        f"rounds, tokenizer {r['tokenizer']}",
+        f"machine: {r['cpu']} ({r['machine']}), {r['date']}",
+        f"pairs/s {who}:",
+        f"  shards (ImageTextShards)        {r['shards_pairs_per_s']:8.1f}",
+        f"  loose files (map-style, PIL)    {r['files_pairs_per_s']:8.1f}",
+        f"  shards / files                  {r['shards_pairs_per_s'] / r['files_pairs_per_s']:8.2f}",
+    ]
+    if r["workers"]:
+        lines.append(f"per worker: shards {r['per_worker']['shards']:.1f}, files {r['per_worker']['files']:.1f}")
+    return "\n".join(lines)
+
+
+def cmd_bench_data(args) -> int:
+    result = run_data_bench(args.shards, num_images=args.num_images, batch_size=args.batch_size,
+                            batches=args.batches, warmup=args.warmup, workers=args.workers, rounds=args.rounds,
+                            tokenizer=args.tokenizer)
+    print(json.dumps(result, indent=2) if args.json else format_data_result(result))
+    return 0
+
+
+def register_data(bench_subparsers) -> None:
+    """Add ``data`` to the ``evlp bench`` sub-commands."""
+    p = bench_subparsers.add_parser(
+        "data", help="pairs/s of the input pipeline: JPEG shards vs loose files, same transforms",
+        description="Pairs/s of one loader worker (or of --workers processes) reading 256-px JPEG shards with the "
+                    "pretraining transforms and tokenisation, next to a map-style reader of the same images as loose "
+                    "files. Synthetic shards are generated in a temporary folder unless --shards is given.",
+    )
+    p.add_argument("--shards", default=None, help="shards to read (folder or brace pattern; default: synthetic ones)")
+    p.add_argument("--num-images", type=int, default=2048, help="images used (default 2048)")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per batch (default 64)")
+    p.add_argument("--batches", type=int, default=12, help="timed batches per reader and round (default 12)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first (default 2)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: in-process)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per reader (default 2)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or cached hub name, e.g. bert-base-uncased "
+                                                     "(default: the quickstart vocabulary, needs nothing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_bench_data)
