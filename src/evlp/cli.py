@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evlp.pretrained.commands import register as register_weights
 
     register_weights(sub)
+    from evlp.api_commands import register as register_api
+
+    register_api(sub)  # export, index, search, serve
     return parser
 
 

@@ -1,0 +1,137 @@
+"""evlp serve: the search page's API, serving only indexed files, upload limits, and the page in a real browser."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from evlp.api import load_model  # noqa: E402
+from evlp.data.synthetic import COLOURS, generate_sample  # noqa: E402
+from evlp.search import ImageIndex, build_index, search_text  # noqa: E402
+from evlp.serve import create_app  # noqa: E402
+from tests.api_support import TOY_EXPORT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``(loaded model, index, photos folder)``: one held-out picture per colour, indexed with the toy export."""
+    tmp = tmp_path_factory.mktemp("serve")
+    loaded = load_model(TOY_EXPORT)
+    photos = tmp / "photos"
+    photos.mkdir()
+    seen, i = set(), 0
+    while len(seen) < len(COLOURS):
+        sample = generate_sample(i, split="val", image_size=loaded.image_size)
+        if sample.meta["colour"] not in seen:
+            seen.add(sample.meta["colour"])
+            sample.image.save(photos / f"{sample.meta['colour']}.png")
+        i += 1
+    (tmp / "secret.png").write_bytes((photos / "red.png").read_bytes())
+    build_index(photos, loaded, tmp / "index.safetensors", progress=False)
+    return loaded, ImageIndex.load(tmp / "index.safetensors"), photos
+
+
+def png_bytes(colour: str, photos) -> bytes:
+    return (photos / f"{colour}.png").read_bytes()
+
+
+def test_search_and_images(served):
+    loaded, index, photos = served
+    client = TestClient(create_app(loaded, index))
+    page = client.get("/")
+    assert page.status_code == 200 and "6 indexed images" in page.text
+
+    body = client.get("/api/search", params={"q": "a large blue square in the centre", "top": 3}).json()
+    expected = search_text(index, loaded, ["a large blue square in the centre"], top=3)[0]
+    assert [(r["path"], r["score"]) for r in body["results"]] == [(p, round(s, 4)) for p, s in expected]
+    assert body["results"][0]["path"] == "blue.png"
+    first = client.get(f"/image/{body['results'][0]['row']}")
+    assert first.status_code == 200 and first.content == png_bytes("blue", photos)
+
+    for bad in ("/image/6", "/image/-1", "/image/..%2F..%2Fetc%2Fpasswd", "/image/%2E%2E/secret.png",
+                "/photos/red.png"):
+        assert client.get(bad).status_code in (404, 422), bad
+    assert client.get("/api/search", params={"q": ""}).status_code == 422
+
+
+def test_a_tampered_index_cannot_reach_other_files(served):
+    loaded, index, photos = served
+    tampered = ImageIndex.load(photos.parent / "index.safetensors")
+    tampered.files[0].path = "../secret.png"
+    client = TestClient(create_app(loaded, tampered))
+    assert client.get("/image/0").status_code == 404
+    assert client.get("/image/1").status_code == 200
+
+
+def test_classify_upload(served):
+    loaded, index, photos = served
+    client = TestClient(create_app(loaded, index, max_upload_bytes=50_000))
+    reply = client.post("/api/classify", files={"file": ("x.png", png_bytes("green", photos), "image/png")},
+                        data={"classes": "red, green, blue, green, "})
+    assert reply.status_code == 200
+    labels = reply.json()["labels"]
+    assert [item["label"] for item in labels][0] == "green" and len(labels) == 3
+    assert sum(item["prob"] for item in labels) == pytest.approx(1, abs=1e-3)
+
+    not_image = client.post("/api/classify", files={"file": ("x.png", b"GIF89a nope", "image/png")},
+                            data={"classes": "red"})
+    assert not_image.status_code == 400 and "not a readable image" in not_image.text
+    big = io.BytesIO()
+    Image.effect_noise((300, 300), 64).save(big, format="PNG")
+    assert len(big.getvalue()) > 50_000
+    too_big = client.post("/api/classify", files={"file": ("x.png", big.getvalue(), "image/png")},
+                          data={"classes": "red"})
+    assert too_big.status_code == 413
+    no_classes = client.post("/api/classify", files={"file": ("x.png", png_bytes("red", photos), "image/png")},
+                             data={"classes": " , "})
+    assert no_classes.status_code == 400
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
+def test_page_in_a_browser(served):
+    playwright = pytest.importorskip("playwright.sync_api")
+    import uvicorn
+
+    loaded, index, photos = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(loaded, index), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#query", "two small yellow stars")
+            page.click("#search-form button")
+            page.wait_for_selector("#grid figure")
+            assert page.locator("#grid figcaption").first.inner_text().endswith("yellow.png")
+            # The first result's picture is actually served and decoded by the browser.
+            page.wait_for_function("document.querySelector('#grid img').naturalWidth > 0", timeout=10_000)
+            page.set_input_files("#file", str(photos / "purple.png"))
+            page.fill("#classes", "purple, orange")
+            page.click("#classify-form button")
+            page.wait_for_selector("#labels li")
+            assert page.locator("#labels li").first.inner_text().startswith("purple")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
