@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evlp.api_commands import register as register_api
 
     register_api(sub)  # export, index, search, serve
+    from evlp.eval.commands import register as register_eval
+
+    register_eval(sub)  # eval {zeroshot,retrieval}
     return parser
 
 

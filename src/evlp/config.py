@@ -143,6 +143,10 @@ class EvalConfig:
     retrieval: bool = True  # text<->image retrieval on the validation split after training
     zeroshot: bool = True  # zero-shot classification (quickstart attributes) after training
     chance: bool = True  # also report what a random model would score
+    # Benchmarks at every validation, on rank 0, from data_path in the `evlp eval` layout (skipped if absent):
+    imagenet_zeroshot_callback: bool = False  # ImageNet-1K zero-shot top-1/top-5 on imagenet/val
+    retrieval_callback: Optional[str] = None  # coco | flickr30k: Karpathy-test TR/IR@1/5/10
+    callback_max_images: Optional[int] = None  # a fixed random subset of this many images (None = all), for speed
 
 
 @dataclass
@@ -210,7 +214,6 @@ def _explain(error: OmegaConfBaseException, schema: DictConfig, origin: str) -> 
     if isinstance(error, ValidationError):
         expected = OmegaConf.select(schema, key) if key else None
         kind = type(expected).__name__ if expected is not None else "the schema's type"
-        value = getattr(error, "value", None) or "this value"
         msg = re.sub(r"\s+", " ", str(error).splitlines()[0])
         return EvlpError(f"wrong type for '{key}' in {origin}: {msg} (expected {kind}, e.g. {key}={expected})")
     return EvlpError(f"invalid config in {origin}: {str(error).splitlines()[0]}")

@@ -28,10 +28,12 @@ from omegaconf import DictConfig
 
 from evlp.config import save_config
 from evlp.data.shards import make_loader
+from evlp.flops import pair_flops, peak_flops
 from evlp.models.build import check_weight_files
 from evlp.train.callbacks import CSVLogger, DataPosition, StepCheckpoint, Throughput
 from evlp.train.checkpoint import AtomicCheckpointIO, load_training_checkpoint, resolve_resume
 from evlp.train.data import build_datasets, build_tokenizer, prepare_run_data
+from evlp.train.eval_callbacks import benchmark_callbacks
 from evlp.train.evaluate import evaluate_pretrained
 from evlp.train.module import PretrainModule
 from evlp.train.report import write_report
@@ -72,6 +74,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     hf_tokenizer = build_tokenizer(cfg, run_data)
     text_tokenizer, train_set, val_set = build_datasets(cfg, run_data, hf_tokenizer)
     module = PretrainModule(cfg, tokenizer=hf_tokenizer)
+    if cfg.trainer.grad_checkpointing:
+        module.student.set_grad_checkpointing()
     if cfg.trainer.compile:
         module.student.compile()
         module.teacher.compile()
@@ -84,8 +88,9 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     callbacks = [
         DataPosition(train_set),  # before StepCheckpoint: a checkpoint must include the batch it was saved after
         checkpoints,
-        Throughput(),
+        Throughput(pair_flops(module.student, module.teacher, cfg.data.max_text_len).total, peak_flops(t.accelerator)),
         LearningRateMonitor(logging_interval="step"),
+        *benchmark_callbacks(cfg, text_tokenizer),
         *extra_callbacks,
     ]
     if t.progress_bar:
