@@ -72,7 +72,7 @@ def test_model_card(toy_run, exported):
     assert card.startswith("---\nlibrary_name: evlp\npipeline_tag: zero-shot-image-classification\n")
     assert f"| total | | {total:,} |" in card
     assert "synthetic quickstart dataset (24 procedurally drawn scenes" in card  # training data
-    assert f"| retrieval IR@1 | {results['retrieval']['IR@1']:.2f} |" in card  # the run's results ...
+    assert f"| IR@1 | {results['retrieval']['IR@1']:.2f} |" in card  # the run's results ...
     assert f"- recall: {results['protocol']['recall']}" in card  # ... with their protocol
     for limit in ("visual question answering", "CoLA", "**Toy model**"):
         assert limit in card

@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from evlp import __version__
 from evlp.api import (CONFIG_NAME, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, WEIGHTS_NAME, LoadedModel, load_model)
 from evlp.errors import EvlpError
+from evlp.train.report import results_table
 
 CARD_NAME = "README.md"
-RETRIEVAL_KEYS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 
 
 def export_model(source: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -142,19 +142,7 @@ def _results_section(results: dict | None, note: str) -> list[str]:
     if results is None:
         return ["No evaluation results are included: " + note + ". Evaluate the model with the standard protocols "
                 "(e.g. `evlp eval zeroshot` / `evlp eval retrieval`)."]
-    chance = results.get("chance", {})
-    lines = ["| metric | this model | random model |", "|---|---:|---:|"]
-    for key in RETRIEVAL_KEYS:
-        if key in results.get("retrieval", {}):
-            c = chance.get("retrieval", {}).get(key)
-            lines.append(f"| retrieval {key} | {results['retrieval'][key]:.2f} | {'' if c is None else f'{c:.2f}'} |")
-    zs = results.get("zeroshot")
-    if zs:
-        for name, task in zs.get("tasks", {}).items():
-            lines.append(f"| zero-shot {name} top-1 ({task['classes']} classes, {task['templates']} prompts) | "
-                         f"{task['top1']:.2f} | {100 / task['classes']:.2f} |")
-        c = chance.get("zeroshot", {}).get("top1")
-        lines.append(f"| zero-shot mean top-1 | {zs['top1']:.2f} | {'' if c is None else f'{c:.2f}'} |")
+    lines = results_table(results).splitlines()
     protocol = results.get("protocol") or {}
     lines += ["", f"Numbers in percent, {note}. Protocol:", ""]
     lines += [f"- {key}: {value}" for key, value in protocol.items()]

@@ -22,7 +22,8 @@ def results_table(results: dict) -> str:
     zs = results.get("zeroshot")
     if zs:
         for name, task in zs["tasks"].items():
-            rows.append(f"| zero-shot {name} top-1 ({task['classes']} classes) | {task['top1']:.2f} | "
+            prompts = f", {task['templates']} prompts" if "templates" in task else ""
+            rows.append(f"| zero-shot {name} top-1 ({task['classes']} classes{prompts}) | {task['top1']:.2f} | "
                         f"{100 / task['classes']:.2f} |")
         rows.append(f"| zero-shot mean top-1 | {zs['top1']:.2f} | {chance.get('zeroshot', {}).get('top1', 0):.2f} |")
     return "\n".join(rows)
