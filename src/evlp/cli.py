@@ -30,25 +30,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _data_tokenizer(cfg):
-    """The quickstart's own vocabulary sets its text tower's size; other configs name their tokenizer's model."""
-    if cfg.model.text_tower.path is None and "quickstart" in list(cfg.data.train):
-        import tempfile
-
-        from evlp.data.synthetic import write_vocab
-        from evlp.data.tokenizer import load_tokenizer
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_tokenizer(write_vocab(tmp))
-    return None
-
-
 def cmd_info(args) -> int:
     from evlp.config import load_config
-    from evlp.info import describe, format_info, info_json
+    from evlp.info import data_tokenizer, describe, format_info, info_json
 
     cfg = load_config(args.config, args.overrides)
-    info = describe(cfg, tokenizer=_data_tokenizer(cfg))
+    info = describe(cfg, tokenizer=data_tokenizer(cfg))
     print(info_json(info) if args.json else format_info(info))
     return 0
 
@@ -78,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evlp.eval.commands import register as register_eval
 
     register_eval(sub)  # eval {zeroshot,retrieval}
+    from evlp.bench.commands import register as register_bench
+
+    register_bench(sub)  # bench {train,data,eval}
     return parser
 
 

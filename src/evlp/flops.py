@@ -9,12 +9,13 @@ which is 24·N·d² + 4·N²·d for the usual QKV + output projection + 4x MLP. 
 the loss logits are left out (the KD logits against the 65,536-row memory bank are ~0.5% of the step at the real
 recipe). Counts are read from the built modules, so they follow whatever depth and width a config asks for.
 
-    f = flops_per_pair(load_config("training/s_smke"))   # 116.2e9: 3 x 27.02 (student) + 35.13 (teacher)
-    print(format_flops(f))
+    f = flops_per_pair(load_config("training/s_smke"))
+    f.gflops()   # {"image_tower": 17.68, ..., "student_forward": 27.02, "teacher": 35.13, "total": 116.2}
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -93,8 +94,8 @@ class PairFlops:
                 "teacher": self.teacher / G, "total": self.total / G}
 
 
-def pair_flops(student: nn.Module, teacher: nn.Module | None, text_len: int) -> PairFlops:
-    """Count an ``SSMKE`` student (and a ``BEiTv2Teacher``) built at any size, on any device including meta."""
+def pair_flops(student: nn.Module, teacher: nn.Module, text_len: int) -> PairFlops:
+    """Count an ``SSMKE`` student and a ``BEiTv2Teacher`` built at any size, on any device including meta."""
     image, text = student.image_tower, student.text_tower
     image_tokens = image.num_image_tokens
     return PairFlops(
@@ -107,7 +108,7 @@ def pair_flops(student: nn.Module, teacher: nn.Module | None, text_len: int) -> 
                             + block_flops(student.shared, text_len, student.embed_dim),
             "kd_head": 2 * cls_linear_flops(student.head),  # on the image CLS and on the text CLS
         },
-        teacher=vit_flops(teacher) if teacher is not None else 0.0,
+        teacher=vit_flops(teacher),
     )
 
 
@@ -121,20 +122,11 @@ def flops_per_pair(cfg: DictConfig) -> PairFlops:
     return pair_flops(student, teacher, cfg.data.max_text_len)
 
 
-def format_flops(f: PairFlops) -> str:
-    rows = [(f"student {name}", v) for name, v in f.student.items()] + [
-        ("student forward", f.student_forward),
-        ("student fwd+bwd (3x)", f.student_train),
-        ("teacher forward", f.teacher),
-        ("total per pair", f.total),
-    ]
-    return "\n".join(f"{name:<24} {v / G:>9.3f} GFLOPs" for name, v in rows)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity). Matched in order on torch.cuda.get_device_name(), so the more
-# specific name comes first ("H100 PCIe" before "H100"). Unknown cards get no MFU rather than a guessed one.
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity). Matched in order, as whole words, on
+# torch.cuda.get_device_name(), so the more specific name comes first ("H100 PCIe" before "H100") and "L4" does not
+# match an L40S. Unknown cards get no MFU rather than a guessed one.
 PEAK_BF16_FLOPS = (
-    ("H200", 989.4e12),  # also matches GH200
+    ("H200", 989.4e12),
     ("H100 PCIe", 756e12),
     ("H100", 989.4e12),  # SXM ("NVIDIA H100 80GB HBM3")
     ("A100", 312e12),
@@ -145,7 +137,7 @@ PEAK_BF16_FLOPS = (
 
 def peak_flops_for(device_name: str) -> float | None:
     for key, peak in PEAK_BF16_FLOPS:
-        if key in device_name:
+        if re.search(rf"\b{re.escape(key)}\b", device_name):
             return peak
     return None
 

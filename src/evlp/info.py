@@ -17,6 +17,19 @@ def count(module: nn.Module | None, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def data_tokenizer(cfg):
+    """The quickstart's own vocabulary sets its text tower's size; other configs name their tokenizer's model."""
+    if cfg.model.text_tower.path is None and "quickstart" in list(cfg.data.train):
+        import tempfile
+
+        from evlp.data.synthetic import write_vocab
+        from evlp.data.tokenizer import load_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_tokenizer(write_vocab(tmp))
+    return None
+
+
 def describe(cfg: DictConfig, tokenizer=None) -> dict:
     """Parameter counts of the student's parts and of the (frozen, never saved) teacher.
 

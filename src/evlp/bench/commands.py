@@ -8,7 +8,8 @@ import json
 
 
 def cmd_bench_train(args) -> int:
-    from evlp.bench.train import format_result, run_bench
+    from evlp.bench.report import format_result
+    from evlp.bench.train import run_bench
     from evlp.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -40,7 +41,12 @@ def _add_train(kinds) -> None:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    bench = subparsers.add_parser("bench", help="measure the toolkit: training step speed vs open_clip")
-    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="{train}")
+    bench = subparsers.add_parser("bench", help="measure the toolkit: training step vs open_clip, data pipeline, evaluation ranking")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
     _add_train(kinds)
+    from evlp.bench.data import register_data
+    from evlp.bench.eval import register_eval
+
+    register_data(kinds)
+    register_eval(kinds)
     return bench

@@ -18,6 +18,7 @@ says which step uses the hardware better, independent of how much work each mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import statistics
@@ -28,12 +29,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from evlp.errors import EvlpError
-from evlp.flops import G, PairFlops, blocks_flops, pair_flops, patch_embed_flops, peak_flops_for
+from evlp.flops import PairFlops, blocks_flops, pair_flops, patch_embed_flops, peak_flops_for
 from evlp.train.module import PretrainModule
 from evlp.train.optim import build_optimizer, scaled_lr
 
 PRECISIONS = {"bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
-PAD_ID, CLS_ID = 0, 101  # BERT's [PAD] and [CLS]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -45,15 +45,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return PRECISIONS[precision]
 
 
-def synthetic_batch(cfg: DictConfig, batch_size: int, vocab_size: int, device: torch.device, seed: int = 0) -> dict:
+def synthetic_batch(cfg: DictConfig, batch_size: int, vocab_size: int, device: torch.device, seed: int = 0,
+                    cls_id: int = 101, pad_id: int = 0) -> dict:
     """Random images and captions of the config's shapes: ``[CLS]`` + random word pieces, then padding to
-    ``max_text_len`` after a random length of 4 tokens to full, so the attention masks are real."""
+    ``max_text_len`` after a random length of 4 tokens to full, so the attention masks are real. The default ids are
+    BERT's [CLS] and [PAD]."""
     g = torch.Generator().manual_seed(seed)
     size, length = cfg.data.image_size, cfg.data.max_text_len
     lengths = torch.randint(min(4, length), length + 1, (batch_size, 1), generator=g)
     padding_mask = torch.arange(length) >= lengths  # (B, L), True at padding
-    text = torch.randint(CLS_ID + 1, vocab_size, (batch_size, length), generator=g).masked_fill(padding_mask, PAD_ID)
-    text[:, 0] = CLS_ID
+    text = torch.randint(cls_id + 1, vocab_size, (batch_size, length), generator=g).masked_fill(padding_mask, pad_id)
+    text[:, 0] = cls_id
     batch = {"image": torch.randn(batch_size, 3, size, size, generator=g), "text": text, "padding_mask": padding_mask}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -86,7 +88,8 @@ class TrainStep:
 
     def step(self, batch: dict) -> None:
         # Lightning's bf16-mixed: autocast around the forward and the loss only; backward and AdamW outside it.
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        with autocast:
             loss = self.loss(batch)
         loss.backward()
         self.optimizer.step()
@@ -97,9 +100,9 @@ class EvlpStep(TrainStep):
     name = "evlp"
 
     def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype | None, batch_size: int,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", tokenizer=None):
         super().__init__(cfg, device, dtype)
-        self.module = PretrainModule(cfg, load_weights=False).to(device).train()
+        self.module = PretrainModule(cfg, tokenizer=tokenizer, load_weights=False).to(device).train()
         self.model = self.module
         self.flops = pair_flops(self.module.student, self.module.teacher, cfg.data.max_text_len)
         # The same switches, in the same order, as evlp.train.recipe.
@@ -235,14 +238,19 @@ def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, 
     dtype = autocast_dtype(cfg.trainer.precision, device)
     torch.manual_seed(cfg.seed)
 
-    evlp = EvlpStep(cfg, device, dtype, batch_size, compile_backend)
+    # The quickstart's text tower is sized by its own small vocabulary; other random towers get BERT's.
+    from evlp.info import data_tokenizer
+
+    tokenizer = data_tokenizer(cfg)
+    evlp = EvlpStep(cfg, device, dtype, batch_size, compile_backend, tokenizer)
     models: list[TrainStep] = [evlp]
     if vs == "open_clip":
         try:
             models.append(OpenClipStep(cfg, device, dtype, batch_size, evlp.module.student, compile_backend))
         except ImportError:
             raise EvlpError("--vs open_clip needs open_clip_torch (pip install -e '.[test]')") from None
-    batch = synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed)
+    ids = {} if tokenizer is None else {"cls_id": tokenizer.cls_token_id, "pad_id": tokenizer.pad_token_id}
+    batch = synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed, **ids)
     times, peaks = time_steps(models, batch, steps, warmup)
 
     if device.type == "cuda":
@@ -268,52 +276,4 @@ def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, 
         other["flops_ratio"] = result["achieved_tflops"] / other["achieved_tflops"]
         result["open_clip"] = other
     return result
-
-
-def format_result(r: dict) -> str:
-    """The human-readable report: work per pair by part, then one line per model."""
-    cpu = r["device"] == "cpu"
-    mem = "max RSS GB" if cpu else "peak mem GB"
-    switches = [r["precision"], "compiled" if r["compile"] else "eager"] + ["grad ckpt"] * r["grad_checkpointing"]
-    lines = [
-        f"evlp bench train: config {r['config']}, batch {r['batch_size']}, {r['device']}, {', '.join(switches)}, "
-        f"median of {r['steps']} steps after {r['warmup']} warm-up, torch {r['torch']}",
-        "",
-        "GFLOPs per pair (analytic, matmuls; student fwd+bwd = 3 x fwd, teacher fwd only)",
-    ]
-    g = r["gflops_per_pair"]
-    for name in ("image_tower", "text_tower", "projections", "shared_block", "kd_head"):
-        lines.append(f"  student {name:<20} {g[name]:>10.4f}")
-    for name, label in (("student_forward", "student forward"), ("student_train", "student fwd+bwd"),
-                        ("teacher", "teacher forward"), ("total", "total")):
-        lines.append(f"  {label:<28} {g[name]:>10.4f}")
-    rate = "GFLOP/s" if cpu else "TFLOP/s"
-    lines += ["", f"{'':<10} {'pairs/s':>10} {'step ms':>9} {'GFLOPs/pair':>12} {rate:>9} {'MFU':>6} {mem:>11}"]
-    models = [("evlp", r)] + ([("open_clip", r["open_clip"])] if "open_clip" in r else [])
-    for name, m in models:
-        achieved = m["achieved_tflops"] * (1e3 if cpu else 1)
-        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
-        lines.append(f"{name:<10} {m['pairs_per_s']:>10.1f} {m['step_ms']:>9.1f} {m['gflops_per_pair']['total']:>12.3f} "
-                     f"{achieved:>9.1f} {mfu:>6} {m['peak_mem_gb']:>11.2f}")
-    if "open_clip" in r:
-        lines += ["", f"achieved FLOP/s, evlp / open_clip: {r['open_clip']['flops_ratio']:.2f}x"]
-        if cpu:
-            lines.append("(on CPU the memory figure is the whole process's, both models together)")
-    return "\n".join(lines)
-
-
-def markdown_table(results: list[dict]) -> str:
-    """One Markdown row per model per result, for docs/benchmarks.md."""
-    head = ("| config | batch | precision | mode | model | pairs/s | GFLOPs/pair | achieved TFLOP/s | MFU | peak mem GB "
-            "| FLOP/s vs open_clip |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for r in results:
-        mode = ("compiled" if r["compile"] else "eager") + (" + grad ckpt" if r["grad_checkpointing"] else "")
-        for name, m in [("evlp", r)] + ([("open_clip", r["open_clip"])] if "open_clip" in r else []):
-            mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
-            ratio = f"{r['open_clip']['flops_ratio']:.2f}x" if name == "evlp" and "open_clip" in r else ""
-            rows.append(f"| {r['config']} | {r['batch_size']} | {r['precision']} | {mode} | {name} "
-                        f"| {m['pairs_per_s']:.1f} | {m['gflops_per_pair']['total']:.3f} | {m['achieved_tflops']:.4g} "
-                        f"| {mfu} | {m['peak_mem_gb']:.2f} | {ratio} |")
-    return "\n".join([head, *rows])
 

@@ -60,11 +60,18 @@ class BertTextTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each layer's activations in backward instead of storing them (timm's method name)."""
-        if enable:
-            # Non-reentrant checkpointing is PyTorch's recommended mode and works under torch.compile.
-            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).
+        bert, renamed = self.bert, hasattr(self.bert, "activation_checkpointing_enable")
+        if not enable:
+            (bert.activation_checkpointing_disable if renamed else bert.gradient_checkpointing_disable)()
+            return
+        bert.config.use_cache = False  # an encoder has no cache; saves HF's warning that it turns caching off
+        # Non-reentrant checkpointing is PyTorch's recommended mode and works under torch.compile.
+        kwargs = {"use_reentrant": False}
+        if renamed:
+            bert.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            self.bert.gradient_checkpointing_disable()
+            bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def forward_features(
             self,
@@ -76,8 +83,8 @@ class BertTextTower(nn.Module):
         if padding_mask is not None:
             keep = ~padding_mask.bool()  # (B, L), True where a key may be attended to
             # Under SDPA, hand BERT the final (B, 1, 1, L) boolean mask, which it passes through as is. From a 2-D mask
-            # it would first test `mask.all()` in Python to maybe drop it: a host-device sync on every text forward
-            # (and a graph break under torch.compile). Other attention implementations want their own mask format.
+            # it would first test `mask.all()` in Python to maybe drop it: a host-device sync on every text forward.
+            # Other attention implementations want their own mask format.
             sdpa = self.bert.config._attn_implementation == "sdpa"
             attention_mask = keep[:, None, None, :] if sdpa else keep.long()
         out = self.bert(input_ids=token_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)

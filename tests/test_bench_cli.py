@@ -1,0 +1,61 @@
+"""`evlp bench train` end to end on a tiny config on CPU (in-process, JSON and text), and benchmarks/gpu_check.sh in
+its CPU flow-check mode."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evlp.bench.commands import register
+from evlp.bench.report import markdown_table
+from tests.test_bench_fastpaths import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = {"pairs_per_s", "step_ms", "gflops_per_pair", "achieved_tflops", "mfu", "peak_mem_gb"}
+
+
+def bench(capsys, *args) -> str:
+    parser = argparse.ArgumentParser(prog="evlp")
+    register(parser.add_subparsers(dest="command", required=True))
+    parsed = parser.parse_args(["bench", "train", "--config", "quickstart", *TINY, "--batch-size", "4",
+                                "--steps", "2", "--warmup", "1", "--device", "cpu", *args])
+    assert parsed.handler(parsed) == 0
+    return capsys.readouterr().out
+
+
+def test_bench_train_json_with_open_clip(capsys):
+    pytest.importorskip("open_clip")
+    result = json.loads(bench(capsys, "--vs", "open_clip", "--json"))
+    assert FIGURES <= result.keys() and FIGURES <= result["open_clip"].keys()
+    assert result["device"] == "cpu" and result["mfu"] is None and result["open_clip"]["mfu"] is None
+    assert result["batch_size"] == 4 and result["precision"] == "32-true" and result["compile"] is False
+    g = result["gflops_per_pair"]
+    assert g["total"] == pytest.approx(3 * g["student_forward"] + g["teacher"])
+    assert result["pairs_per_s"] > 0 and result["achieved_tflops"] > 0 and result["peak_mem_gb"] > 0
+    other = result["open_clip"]
+    assert other["gflops_per_pair"]["teacher"] == 0  # no teacher, no shared block
+    assert other["flops_ratio"] == pytest.approx(result["achieved_tflops"] / other["achieved_tflops"])
+    table = markdown_table([result])
+    assert table.count("\n") == 3 and "| evlp |" in table and "| open_clip |" in table
+
+
+def test_bench_train_text_report(capsys):
+    out = bench(capsys)
+    assert "student shared_block" in out and "GFLOP/s" in out and "\nevlp " in out and "open_clip" not in out
+
+
+def test_gpu_check_flow_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert report == run.stdout
+    assert "torch " in report and "evlp bench train --config quickstart" in report
+    rows = [line for line in report.splitlines() if line.startswith("| quickstart |")]
+    assert [row.split(" | ")[3:5] for row in rows] == [
+        ["eager", "evlp"], ["eager", "open_clip"], ["compiled", "evlp"], ["compiled", "open_clip"]]
