@@ -18,6 +18,7 @@ says which step uses the hardware better, independent of how much work each mode
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import resource
@@ -67,7 +68,7 @@ def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class TrainStep:
+class TrainStep(abc.ABC):
     """A model, its optimizer and one training step: ``step(batch)``. Subclasses build the model and the loss."""
 
     name: str
@@ -83,8 +84,9 @@ class TrainStep:
         lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, batch_size)
         return build_optimizer(model, lr, o.betas, o.eps, o.weight_decay, o.fused)
 
+    @abc.abstractmethod
     def loss(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss of one batch (each benchmarked model defines its own step)."""
 
     def step(self, batch: dict) -> None:
         # Lightning's bf16-mixed: autocast around the forward and the loss only; backward and AdamW outside it.
