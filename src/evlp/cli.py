@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evlp.eval.commands import register as register_eval
 
     register_eval(sub)  # eval {zeroshot,retrieval}
+    from evlp.finetune.commands import register as register_finetune
+
+    register_finetune(sub)  # finetune, sweep {glue,retrieval,vision}
     from evlp.bench.commands import register as register_bench
 
     register_bench(sub)  # bench {train,data,eval}

@@ -219,10 +219,19 @@ def _explain(error: OmegaConfBaseException, schema: DictConfig, origin: str) -> 
     return EvlpError(f"invalid config in {origin}: {str(error).splitlines()[0]}")
 
 
+def schema_for(name: str) -> type:
+    """The dataclass a packaged config is validated against: fine-tuning configs have their own schema."""
+    if name.startswith("fine_tuning/"):
+        from evlp.finetune.config import FinetuneConfig
+
+        return FinetuneConfig
+    return RunConfig
+
+
 def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
     """Load packaged config ``name`` (``quickstart`` when None), apply ``key=value`` overrides, validate, resolve."""
-    schema = OmegaConf.structured(RunConfig)
-    name = name or "quickstart"
+    name = (name or "quickstart").removesuffix(".yaml")
+    schema = OmegaConf.structured(schema_for(name))
     try:
         merged = OmegaConf.merge(schema, _read_packaged(name))
     except OmegaConfBaseException as e:

@@ -38,19 +38,22 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_curves(metrics_csv: Path, out: Path) -> bool:
+PRETRAINING_PANELS = [
+    ("loss", ["train/loss", "train/kd_loss", "train/itc_loss", "val/loss"]),
+    ("contrastive accuracy", ["train/x_itc_acc", "train/kd_acc", "val/x_itc_acc"]),
+    ("learning rate", ["lr"]),
+    ("pairs/s", ["perf/pairs_per_s"]),
+]
+
+
+def plot_curves(metrics_csv: Path, out: Path, panels: list[tuple[str, list[str]]] = PRETRAINING_PANELS) -> bool:
+    """One panel per ``(title, metric names)``; panels whose metrics were never logged are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series = read_metrics(metrics_csv)
-    panels = [
-        ("loss", ["train/loss", "train/kd_loss", "train/itc_loss", "val/loss"]),
-        ("contrastive accuracy", ["train/x_itc_acc", "train/kd_acc", "val/x_itc_acc"]),
-        ("learning rate", ["lr"]),
-        ("pairs/s", ["perf/pairs_per_s"]),
-    ]
     panels = [(title, [n for n in names if series.get(n)]) for title, names in panels]
     panels = [p for p in panels if p[1]]
     if not panels:

@@ -1,0 +1,203 @@
+"""The fine-tuning recipe, top to bottom: config -> task (data, model from the pretrained checkpoint) -> Lightning fit
+with the best checkpoint kept -> the best weights evaluated -> run folder.
+
+Run manual::
+
+    evlp finetune --config fine_tuning/imagenet base_dir=/data model.model_path=/data/models/S-SMKE/model-...ckpt
+    evlp finetune --config fine_tuning/imagenet ... model.linear_classifier=True        # linear evaluation
+    evlp finetune --config fine_tuning/mrpc base_dir=/data model.model_path=...         # one GLUE task
+    evlp finetune --config fine_tuning/retrieval_coco base_dir=/data model.model_path=...
+    evlp finetune --config fine_tuning/mrpc ... resume=latest                           # continue after a stop
+
+Outputs: ``<log_dir>/<run_name>/`` holds config.yaml, metrics.csv, TensorBoard events, results.json (the best
+checkpoint's metrics and the protocol), curves.png and report.md. Checkpoints go to ``<model_path>/<run_name>/``:
+``model-{step}-{val_loss:.4f}-val.ckpt`` is the best by the task's metric (the only one kept), ``last.ckpt`` the state
+after the latest validation, which ``resume=latest`` continues from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from evlp.config import save_config
+from evlp.errors import EvlpError
+from evlp.finetune.config import TASKS, task_family
+from evlp.train.callbacks import CSVLogger
+from evlp.train.checkpoint import AtomicCheckpointIO, checkpoint_name, load_training_checkpoint
+from evlp.train.recipe import resolve_precision
+from evlp.train.report import plot_curves
+
+log = logging.getLogger("evlp")
+
+LAST = "last.ckpt"
+
+
+@dataclass
+class FinetuneTask:
+    """What a task family builds for the runner (``evlp.finetune.<family>.build_task(cfg)``)."""
+
+    module: L.LightningModule
+    train_loader: torch.utils.data.DataLoader
+    val_loaders: object  # a DataLoader or a list of them (MNLI: matched and mismatched)
+    monitor: str  # the logged metric that picks the best checkpoint, e.g. "val/accuracy"
+    headline: dict[str, str]  # the seed README's columns -> metric keys, e.g. {"F1": "val/f1"}
+    summary: str  # the one line saying what was loaded from the pretrained checkpoint
+    protocol: dict = field(default_factory=dict)  # dataset, split, sizes, resolution ... for results.json
+    mode: str = "max"
+    # Extra evaluation of the best weights after training (retrieval: the Karpathy test split), returning metrics.
+    final_eval: Callable[[L.LightningModule], dict] | None = None
+
+
+class BestCheckpoint(L.Callback):
+    """After each validation: ``last.ckpt`` (for resume) and, when ``monitor`` improved, the new best
+    ``model-{step}-{val_loss}-val.ckpt`` in place of the previous best. Both are written atomically."""
+
+    def __init__(self, folder: Path, monitor: str, mode: str):
+        self.folder = Path(folder)
+        self.monitor, self.mode = monitor, mode
+        self.best_value: float | None = None
+        self.best_path: Path | None = None
+        self.best_step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            raise EvlpError(f"the task never logged its monitor metric {self.monitor} (logged: "
+                            f"{', '.join(sorted(metrics))})")
+        value = float(metrics[self.monitor])
+        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
+        if better and value == value:  # NaN never becomes the best
+            loss = float(metrics.get("val/loss", float("nan")))
+            path = self.folder / checkpoint_name(trainer.global_step, loss, "val")
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero and self.best_path is not None and self.best_path != path:
+                self.best_path.unlink(missing_ok=True)
+            self.best_value, self.best_path, self.best_step = value, path, trainer.global_step
+        trainer.save_checkpoint(self.folder / LAST, weights_only=False)
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_path": str(self.best_path) if self.best_path else None,
+                "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.best_path = Path(state["best_path"]) if state["best_path"] else None
+
+
+def build_task(cfg: DictConfig) -> FinetuneTask:
+    if cfg.task not in TASKS:
+        raise EvlpError(f"task={cfg.task!r} does not exist; expected one of {', '.join(TASKS)}")
+    family = importlib.import_module(f"evlp.finetune.{task_family(cfg.task)}")
+    return family.build_task(cfg)
+
+
+def _resume_path(cfg: DictConfig, folder: Path) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        last = folder / LAST
+        return last if last.is_file() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise EvlpError(f"resume={cfg.resume}: no such checkpoint; use resume=latest or the path of a .ckpt file")
+    return path
+
+
+FINETUNE_PANELS = [("loss", ["train/loss", "val/loss"]), ("learning rate", ["lr"])]
+
+
+def run_finetune(cfg: DictConfig) -> dict:
+    """Fine-tune, evaluate the best checkpoint, write the run folder; returns ``results.json``'s content."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.log_dir) / cfg.run_name
+    checkpoint_dir = Path(cfg.model_path) / cfg.run_name
+    resume_from = _resume_path(cfg, checkpoint_dir)
+    task = build_task(cfg)  # every input error surfaces here, before training
+    log.info(task.summary)
+
+    t = cfg.trainer
+    csv_logger = CSVLogger(run_dir / "metrics.csv")
+    if resume_from is not None:
+        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"])
+    best = BestCheckpoint(checkpoint_dir, task.monitor, task.mode)
+    callbacks = [best, LearningRateMonitor(logging_interval="step")]
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every_n_steps, 10))))
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=resolve_precision(t.precision),
+        max_epochs=t.max_epochs, max_steps=t.max_steps,
+        log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.val_every_n_epochs,
+        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches, num_sanity_val_steps=0,
+        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        callbacks=callbacks,
+        logger=[csv_logger, TensorBoardLogger(save_dir=str(cfg.log_dir), name=cfg.run_name, version="")],
+        enable_checkpointing=False,  # BestCheckpoint writes them (atomically, the original's names)
+        enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
+    )
+    if trainer.is_global_zero:
+        save_config(cfg, run_dir / "config.yaml")
+    trainer.fit(task.module, train_dataloaders=task.train_loader, val_dataloaders=task.val_loaders,
+                ckpt_path=str(resume_from) if resume_from else None)
+    if best.best_path is None:
+        raise EvlpError(f"{cfg.run_name}: no validation ran, so there is no best checkpoint; check "
+                        f"trainer.val_every_n_epochs against trainer.max_epochs")
+
+    # The reported numbers are the best checkpoint's, measured again on its weights (not read from the log).
+    state = load_training_checkpoint(best.best_path)["state_dict"]
+    task.module.load_state_dict(state, strict=True)
+    # A separate trainer without loggers, so this measurement does not enter the curves as one more validation.
+    evaluator = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                          precision=resolve_precision(t.precision), limit_val_batches=t.limit_val_batches,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=t.progress_bar,
+                          enable_model_summary=False)
+    measured = evaluator.validate(task.module, dataloaders=task.val_loaders, verbose=False)
+    metrics = {k: float(v) for part in measured for k, v in part.items()}
+    if task.final_eval is not None:
+        metrics.update(task.final_eval(task.module))
+
+    results = {}
+    if trainer.is_global_zero:
+        results = {
+            "task": cfg.task, "family": task_family(cfg.task), "run_name": cfg.run_name,
+            "headline": {name: metrics.get(key) for name, key in task.headline.items()},
+            "metrics": metrics,
+            "best": {"monitor": task.monitor, "value": best.best_value, "step": best.best_step,
+                     "checkpoint": str(best.best_path)},
+            "parameters": sum(p.numel() for p in task.module.parameters()),
+            "protocol": task.protocol, "source": task.summary, "steps": trainer.global_step,
+        }
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_finetune_report(run_dir, results, [*FINETUNE_PANELS, ("validation", [task.monitor])])
+    return results
+
+
+def write_finetune_report(run_dir: Path, results: dict, panels) -> None:
+    has_curves = plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", panels)
+    rows = ["| metric | value |", "|---|---:|"]
+    rows += [f"| {k} | {v:.4g} |" for k, v in sorted(results["metrics"].items())]
+    best = results["best"]
+    lines = [
+        f"# {results['run_name']}: {results['task']}", "",
+        f"Best checkpoint by {best['monitor']} = {best['value']:.4g} at step {best['step']}: `{best['checkpoint']}`;",
+        f"its metrics, measured again on its weights:", "", *rows, "",
+        f"Started from: {results['source']}.", "",
+        "Protocol: " + "; ".join(f"{k}: {v}" for k, v in results["protocol"].items()),
+    ]
+    if has_curves:
+        lines += ["", "![training curves](curves.png)"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
