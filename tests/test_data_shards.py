@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import random
+import tarfile
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from evlp.data.shards import ImageTextShards, count_samples, make_loader
+from webdataset.tariterators import tarfile_samples
+
+from evlp.data.shards import ImageTextShards, count_samples, make_loader, tar_samples
 from evlp.data.synthetic import generate_sample, prepare_quickstart
 from evlp.data.tokenizer import TextTokenizer, load_tokenizer
-from evlp.data.transforms import eval_transform, to_rgb, train_transform
+from evlp.data.transforms import IMAGENET_STD, eval_transform, normalize_images, to_rgb, train_transform
 from evlp.errors import EvlpError
 
 B = 8
@@ -236,3 +239,152 @@ def test_damaged_tar_and_undecodable_data(damaged, tokenizer, caplog):
     train = ImageTextShards(damaged[:1], tokenizer, truncated, 4, train=True, num_samples=20)
     with pytest.raises(EvlpError, match="without a decodable image"):
         epoch(train, 0)
+
+
+# -- weighted mixtures of sources ---------------------------------------------------------------------------------
+
+OTHER = 1000  # image ids of the second source start here
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A second source: 60 pairs (ids 1000..1059) in 3 shards of 20, with stats.json."""
+    folder = tmp_path_factory.mktemp("other")
+    counts = {}
+    for s in range(3):
+        name = f"{s:06d}.tar"
+        with wds.TarWriter(str(folder / name), encoder=False) as sink:
+            for i in range(OTHER + 20 * s, OTHER + 20 * (s + 1)):
+                sink.write({"__key__": f"{i:06d}", "png": _png(i), "txt": f"caption {i}".encode(),
+                            "json": json.dumps({"image_id": i}).encode()})  # fmt: skip
+        counts[name] = 20
+    (folder / "stats.json").write_text(json.dumps({"num_samples": 60, "shards": counts}))
+    return str(folder)
+
+
+def mixture(data, other, tokenizer, weights, transform=pixels, **kw):
+    return ImageTextShards([data.train_urls, other], tokenizer, transform, B, train=True, shuffle_buffer=16,
+                           weights=weights, **kw)
+
+
+def test_mixture_draws_each_source_by_its_weight(data, other, tokenizer):
+    ds = mixture(data, other, tokenizer, [1, 3])
+    assert ds.num_samples == 260 and ds.source_sizes == [200, 60]
+    batches = epoch(ds, 0, epoch=1)
+    assert len(batches) == len(ds) == 260 // B and all(len(b["caption"]) == B for b in batches)
+    drawn = ids(batches)
+    share = sum(i >= OTHER for i in drawn) / len(drawn)
+    assert 0.65 < share < 0.85  # 3/4 expected; binomial sd over 256 draws is 0.027
+    assert set(i for i in drawn if i >= OTHER) == set(range(OTHER, OTHER + 60))  # upsampled: every pair, repeated
+    # Sources are interleaved within batches, not one after the other.
+    assert sum(0 < sum(i >= OTHER for i in b["image_id"].tolist()) < B for b in batches) > len(batches) // 2
+    summary = ds.mixture_summary()
+    assert len(summary) == 2 and "75.0% of the draws" in summary[1] and "passes per epoch" in summary[1]
+    # A weight of zero: that source is never read and does not lengthen the epoch.
+    only_first = mixture(data, other, tokenizer, [2, 0])
+    assert only_first.num_samples == 200 and len(only_first) == 25
+    assert sorted(ids(epoch(only_first, 0))) == list(range(200))
+
+
+def test_mixture_is_deterministic_and_epochs_differ(data, other, tokenizer):
+    ds = mixture(data, other, tokenizer, [1, 1], transform=train_transform(32, hflip=0))
+    first, again, other_epoch = epoch(ds, 0, epoch=1), epoch(ds, 0, epoch=1), epoch(ds, 0, epoch=2)
+    assert_same(first, again)
+    assert ids(first) != ids(other_epoch)
+
+
+@pytest.mark.parametrize("num_workers,world_size", [(0, 1), (2, 1), (2, 2)])
+def test_mixture_ranks_are_equal_and_disjoint_and_resume_exactly(data, other, tokenizer, num_workers, world_size):
+    # 2 workers x 2 ranks = 4 slots: the first source (5 shards) is split by shard, the second (3) by sample.
+    transform = CountingTransform(train_transform(32, hflip=0.5))
+    ds = mixture(data, other, tokenizer, [1, 3], transform=transform)
+    per_rank = []
+    for rank in range(world_size):
+        full = epoch(ds, num_workers, epoch=3, rank=rank, world_size=world_size)
+        assert len(full) == len(ds) == 260 // (B * world_size)
+        per_rank.append(set(ids(full)))
+        for s in (3, 5):
+            transform.calls = 0
+            resumed = epoch(ds, num_workers, epoch=3, start_batch=s, rank=rank, world_size=world_size)
+            assert_same(resumed, full[s:])
+            if num_workers == 0:
+                assert transform.calls == (len(full) - s) * B  # skipped batches are never decoded
+    if world_size == 2:
+        assert not per_rank[0] & per_rank[1]
+
+
+@pytest.mark.parametrize("weights,message", [
+    ([1], "1 entry for 2 data sources"),
+    ([1, -1], "non-negative"),
+    ([1, float("nan")], "non-negative"),
+    ([0, 0], "all zero"),
+    (["a", 1], "must be numbers"),
+])
+def test_bad_mixture_weights(data, other, tokenizer, weights, message):
+    with pytest.raises(EvlpError, match=message) as raised:
+        mixture(data, other, tokenizer, weights)
+    assert "\n" not in str(raised.value)
+
+
+# -- the fast paths: uint8 batches, the tar reader ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_uint8_batches_normalise_to_the_float_ones(data, tokenizer, num_workers):
+    """TrainTransform(normalize=False) fills uint8 rows (in shared memory in workers); normalize_images finishes them
+    to the float batch, up to rounding to 8-bit levels."""
+    as_float = ImageTextShards(data.train_urls, tokenizer, train_transform(32), B, train=True, shuffle_buffer=16)
+    as_uint8 = ImageTextShards(data.train_urls, tokenizer, train_transform(32, normalize=False), B, train=True,
+                               shuffle_buffer=16)  # fmt: skip
+    floats, uint8s = epoch(as_float, num_workers, epoch=1), epoch(as_uint8, num_workers, epoch=1)
+    assert len(floats) == len(uint8s) == 25
+    for f, u in zip(floats, uint8s):
+        assert u["image"].dtype == torch.uint8 and u["image"].shape == f["image"].shape == (B, 3, 32, 32)
+        assert torch.equal(u["image_id"], f["image_id"])
+        assert (normalize_images(u["image"]) - f["image"]).abs().max() <= 0.5 / (255 * min(IMAGENET_STD)) + 1e-5
+
+
+def _write_tar(path, fmt, members):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            info.size, info.mtime = len(content), 1.5  # a float mtime makes tarfile write pax headers
+            tar.addfile(info, io.BytesIO(content))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
+    members = []
+    for k in range(5):
+        folder = "x" * 120 + "/" if k == 3 else "sub/"  # a long name: ustar prefix, GNU longname or pax path
+        members += [(f"{folder}{k:04d}.JPG", bytes([k]) * (700 * k + 1)), (f"{folder}{k:04d}.txt", "ü".encode()),
+                    (f"{folder}{k:04d}.json", b"{}")]  # fmt: skip
+        if k == 1:
+            members += [("sub/folder", None), ("__meta__", b"m"), ("sub/0001.txt", b"again"), ("README", b"x")]
+    url = str(tmp_path / "shard.tar")
+    _write_tar(url, fmt, members)
+    ours = list(tar_samples(url))
+    assert ours == list(tarfile_samples([dict(url=url)], handler=lambda e: True))
+    assert [len(s) for s in ours] == [5] * 5 and ours[0]["jpg"] == b"\0"
+
+
+def test_tar_reader_stops_at_damage_after_the_samples_before(data, tmp_path, caplog):
+    original = open(data.train_urls[0], "rb").read()
+    for cut in (512 * 3 + 100, len(original) // 2 + 100, len(original) // 2 + 7):  # in data, in data, in a header
+        url = tmp_path / "cut.tar"
+        url.write_bytes(original[:cut])
+        with caplog.at_level(logging.WARNING, logger="evlp.data.shards"):
+            ours = list(tar_samples(str(url)))
+        assert ours == list(tarfile_samples([dict(url=str(url))], handler=lambda e: True))
+        assert "cannot read on" in caplog.text
+        caplog.clear()
+    # A cut exactly between members looks like the end of the archive, to tarfile as well: no warning.
+    url.write_bytes(original[: len(original) // 2])
+    assert 0 < len(list(tar_samples(str(url)))) < 40 and not caplog.text
+    url.write_bytes(b"corrupt" + original[7:])  # a header whose checksum does not match
+    with caplog.at_level(logging.WARNING, logger="evlp.data.shards"):
+        assert list(tar_samples(str(url))) == [] and "bad checksum" in caplog.text

@@ -10,8 +10,10 @@ import torch
 
 from evlp.cli import main
 from evlp.config import load_config
+from evlp.data.synthetic import prepare_quickstart
 from evlp.errors import EvlpError
 from evlp.train.checkpoint import list_checkpoints, load_training_checkpoint
+from evlp.train.data import prepare_run_data
 from evlp.train.recipe import run_pretraining
 
 TINY = [
@@ -71,8 +73,29 @@ def test_quickstart_run_folder_and_results(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_equals_an_uninterrupted_run(tmp_path, workers):
+    check_resume(tmp_path, f"data.num_workers={workers}")
+
+
+def test_resume_equals_an_uninterrupted_run_with_a_weighted_mixture(tmp_path):
+    """Two sources drawn 1:3 (24 + 16 pairs: 5 batches per epoch), read by a loader worker process."""
+    second = prepare_quickstart(tmp_path / "second", num_train=16, num_val=8, image_size=32, shard_size=8, seed=1)
+    sources = f"data.train=[quickstart,{second.root / 'train'}]"
+    run_data = prepare_run_data(tiny_cfg(tmp_path / "plan", sources, "data.train_weights=[1,3]"))
+    assert run_data.train_weights == [1.0, 3.0] and [len(s) for s in run_data.train_sources] == [1, 2]
+    check_resume(tmp_path, sources, "data.train_weights=[1,3]", "data.num_workers=1", batches_per_epoch=5)
+
+
+def test_bad_mixture_weights_stop_before_any_work(tmp_path, capsys):
+    code = main(["train", "--config", "quickstart", f"base_dir={tmp_path}", "data.train_weights=[1,2]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "data.train_weights has 2 entries for 1 data source:" in err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "quickstart").exists()
+
+
+def check_resume(tmp_path, *extra, batches_per_epoch=3):
     common = ["trainer.max_steps=8", "trainer.max_epochs=-1", "trainer.checkpoint_every_n_steps=2",
-              f"data.num_workers={workers}", "eval.retrieval=false", "eval.zeroshot=false"]
+              "eval.retrieval=false", "eval.zeroshot=false", *extra]
     straight = tmp_path / "straight"
     run_pretraining(tiny_cfg(straight, *common))
     interrupted = tmp_path / "interrupted"
@@ -86,7 +109,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, workers):
     assert sorted(expected) == list(range(8))
     # Step 3's row was never logged: the process "died" right after writing the step-4 checkpoint.
     assert sorted(resumed) == [0, 1, 2, 4, 5, 6, 7]
-    for step in resumed:  # steps 4..7 ran after the resume and cross an epoch boundary (3 batches per epoch)
+    assert any(4 < k * batches_per_epoch < 8 for k in range(1, 8))  # steps 4..7 ran after the resume and cross
+    # an epoch boundary
+    for step in resumed:
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
     a = load_training_checkpoint(list_checkpoints(straight / "models" / "quickstart")[-1][1])["state_dict"]
     b = load_training_checkpoint(list_checkpoints(interrupted / "models" / "quickstart")[-1][1])["state_dict"]

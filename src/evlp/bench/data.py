@@ -1,21 +1,29 @@
 """``evlp bench data``: pairs/s of the training input pipeline, shards vs loose files, in one run.
 
 Two readers of the same pre-resized JPEGs (shorter side 256, as the downloaders store them), each doing exactly the
-per-sample work of pretraining -- decode, ``train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4)``,
-tokenisation of the caption with ``TextTokenizer`` (max 64 tokens) -- and batching:
+per-sample work of pretraining -- decode, ``train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4,
+normalize=False)``, tokenisation of the captions with ``TextTokenizer`` (max 64 tokens, one call per batch) -- and
+batching. As in ``evlp train``, the batches are uint8 and the normalisation is left to the device
+(``PretrainModule.on_after_batch_transfer``); ``--normalize-on-cpu`` measures float32 batches normalised in the
+reader instead.
 
-* **shards**: ``ImageTextShards`` in training mode (tar shards, shuffle buffer, per-sample seeding);
-* **files**: a plain map-style dataset over the images as loose files (``PIL.Image.open`` + the same transform,
-  the caption from a ``.txt`` next to each image), batched by a ``DataLoader`` with shuffling: the
-  torchvision ``ImageFolder`` way.
+* **shards**: ``ImageTextShards`` in training mode (tar shards, shuffle buffer, per-sample seeding, each image
+  transformed straight into its row of the batch);
+* **files**: a plain map-style dataset over the images as loose files (one file read per image, the same transform
+  on its bytes, the caption from a ``.txt`` next to each image), batched by a ``DataLoader`` with shuffling and
+  ``default_collate``: the torchvision ``ImageFolder`` way.
+
+Two ceilings are timed in the same rounds, on the same images held in memory: the JPEG decode alone
+(``torchvision.io.decode_jpeg``, the decoder the transform uses) and decode + transform without reading, batching
+or tokenising.
 
 With ``--workers 0`` (the default) everything runs in this process on one torch thread, as in a loader worker, so
 the figures are pairs/s **per loader worker**; with ``--workers N`` they are the total of N worker processes (per
 worker = total / N while N <= cores).
 The readers alternate for ``--rounds`` rounds (noise from other load hits both) and each round times ``--batches``
-batches after ``--warmup`` untimed ones; the mean over rounds is reported. Without ``--shards`` it writes synthetic
-photo-like JPEG shards (smooth colour fields plus noise, ~25 KB each, close to web photos at 256 px) to a temporary
-folder; with ``--shards`` the loose-file copy is made from the first samples of those shards.
+batches after ``--warmup`` untimed ones; the median over rounds is reported. Without ``--shards`` it writes
+synthetic photo-like JPEG shards (smooth colour fields plus noise, ~28 KB each, close to web photos at 256 px) to a
+temporary folder; with ``--shards`` the loose-file copy is made from the first samples of those shards.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.io import ImageReadMode, decode_jpeg
 from webdataset.tariterators import tarfile_samples
 
 from evlp.data.shards import IMAGE_EXTENSIONS, TEXT_EXTENSIONS, ImageTextShards, expand_urls, make_loader
@@ -96,14 +105,18 @@ class LooseFiles(Dataset):
     def __init__(self, files: list[tuple[str, str]], transform):
         self.files = files
         self.transform = transform
+        self.takes_bytes = hasattr(transform, "into")  # TrainTransform decodes encoded bytes itself
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         image_path, text_path = self.files[i]
-        with Image.open(image_path) as image:
-            pixels = self.transform(image)
+        if self.takes_bytes:
+            pixels = self.transform(Path(image_path).read_bytes())
+        else:
+            with Image.open(image_path) as image:
+                pixels = self.transform(image)
         return pixels, Path(text_path).read_text(encoding="utf-8").strip()
 
 
@@ -116,7 +129,17 @@ class _Collate:
     def __call__(self, items):
         images, captions = zip(*items)
         text, padding_mask = self.tokenizer(list(captions))
-        return dict(image=torch.stack(images), text=text, padding_mask=padding_mask)
+        # default_collate stacks straight into shared memory in a worker, as the DataLoader's default does.
+        return dict(image=default_collate(list(images)), text=text, padding_mask=padding_mask)
+
+
+def _time_stage(images: list[bytes], work, count: int) -> float:
+    """Pairs/s of ``work`` applied to the first ``count`` images (cycling), after one untimed image."""
+    work(images[0])
+    start = time.perf_counter()
+    for i in range(count):
+        work(images[i % len(images)])
+    return count / (time.perf_counter() - start)
 
 
 def _time(loader, warmup: int, batches: int) -> float:
@@ -137,8 +160,9 @@ def run_data_bench(
     batches: int = 12,
     warmup: int = 2,
     workers: int = 0,
-    rounds: int = 2,
+    rounds: int = 3,
     tokenizer: str | None = None,
+    normalize_on_cpu: bool = False,
 ) -> dict:
     if min(num_images, batch_size, batches, rounds) < 1 or warmup < 0 or workers < 0:
         raise EvlpError("bench data needs --num-images, --batch-size, --batches, --rounds >= 1 and "
@@ -147,7 +171,7 @@ def run_data_bench(
     if num_images < needed:
         raise EvlpError(f"{warmup} + {batches} batches of {batch_size} need --num-images >= {needed}")
     load = _load()  # before we add our own: how busy the machine already was
-    transform = train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4)
+    transform = train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4, normalize=normalize_on_cpu)
     with tempfile.TemporaryDirectory(prefix="evlp-bench-data-") as tmp:
         tmp = Path(tmp)
         if tokenizer is None:
@@ -167,7 +191,8 @@ def run_data_bench(
         shard_set = ImageTextShards(urls, text_tokenizer, transform, batch_size, train=True, seed=0,
                                     num_samples=len(files))
         file_set = LooseFiles(files, transform)
-        results = {"shards": [], "files": []}
+        in_memory = [Path(image).read_bytes() for image, _ in files[:needed]]
+        results = {"shards": [], "files": [], "decode_only": [], "decode_transform": []}
         threads = torch.get_num_threads()
         if workers == 0:
             torch.set_num_threads(1)  # what a DataLoader worker process gets: the figures are per worker
@@ -179,14 +204,23 @@ def run_data_bench(
                 loader = DataLoader(file_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                                     collate_fn=_Collate(text_tokenizer), drop_last=True)
                 results["files"].append(_time(loader, warmup, batches))
+                with torch.random.fork_rng():  # one thread, in this process: per core whatever --workers says
+                    torch.set_num_threads(1)
+                    count = batch_size * batches
+                    results["decode_only"].append(_time_stage(in_memory, _decode, count))
+                    results["decode_transform"].append(_time_stage(in_memory, transform, count))
+                    torch.set_num_threads(threads if workers else 1)
         finally:
             torch.set_num_threads(threads)
-    shard_rate, file_rate = statistics.mean(results["shards"]), statistics.mean(results["files"])
+    shard_rate, file_rate = statistics.median(results["shards"]), statistics.median(results["files"])
     return dict(
         shards_pairs_per_s=shard_rate,
         files_pairs_per_s=file_rate,
+        decode_only_pairs_per_s=statistics.median(results["decode_only"]),
+        decode_transform_pairs_per_s=statistics.median(results["decode_transform"]),
         rounds=results,
         workers=workers,
+        image_dtype="float32" if normalize_on_cpu else "uint8",
         per_worker=dict(shards=shard_rate / max(workers, 1), files=file_rate / max(workers, 1)),
         batch_size=batch_size,
         batches=batches,
@@ -199,6 +233,10 @@ def run_data_bench(
         cpu=_cpu_model(),
         date=time.strftime("%Y-%m-%d"),
     )
+
+
+def _decode(data: bytes) -> torch.Tensor:
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def _load() -> str:
@@ -223,12 +261,15 @@ def format_data_result(r: dict) -> str:
     lines = [
         f"evlp bench data: {r['images']} images ({r['mean_image_bytes'] / 1000:.1f} KB mean JPEG) from {r['source']}, "
         f"batch {r['batch_size']}, {r['batches']} timed batches after {r['warmup']}, {len(r['rounds']['shards'])} "
-        f"rounds, tokenizer {r['tokenizer']}",
+        f"rounds, tokenizer {r['tokenizer']}, {r['image_dtype']} batches",
         f"machine: {r['cpu']} ({r['machine']}), {r['date']}",
         f"pairs/s {who}:",
         f"  shards (ImageTextShards)        {r['shards_pairs_per_s']:8.1f}",
-        f"  loose files (map-style, PIL)    {r['files_pairs_per_s']:8.1f}",
+        f"  loose files (map-style)         {r['files_pairs_per_s']:8.1f}",
         f"  shards / files                  {r['shards_pairs_per_s'] / r['files_pairs_per_s']:8.2f}",
+        "ceilings, one thread, images in memory:",
+        f"  JPEG decode alone               {r['decode_only_pairs_per_s']:8.1f}",
+        f"  decode + train transform        {r['decode_transform_pairs_per_s']:8.1f}",
     ]
     if r["workers"]:
         lines.append(f"per worker: shards {r['per_worker']['shards']:.1f}, files {r['per_worker']['files']:.1f}")
@@ -238,7 +279,7 @@ def format_data_result(r: dict) -> str:
 def cmd_bench_data(args) -> int:
     result = run_data_bench(args.shards, num_images=args.num_images, batch_size=args.batch_size,
                             batches=args.batches, warmup=args.warmup, workers=args.workers, rounds=args.rounds,
-                            tokenizer=args.tokenizer)
+                            tokenizer=args.tokenizer, normalize_on_cpu=args.normalize_on_cpu)
     print(json.dumps(result, indent=2) if args.json else format_data_result(result))
     return 0
 
@@ -257,8 +298,12 @@ def register_data(bench_subparsers) -> None:
     p.add_argument("--batches", type=int, default=12, help="timed batches per reader and round (default 12)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first (default 2)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: in-process)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per reader (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per reader; the median is "
+                                                       "reported (default 3)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or cached hub name, e.g. bert-base-uncased "
                                                      "(default: the quickstart vocabulary, needs nothing)")
+    p.add_argument("--normalize-on-cpu", action="store_true",
+                   help="float32 batches normalised in the reader (default: uint8, normalised on the device as "
+                        "evlp train does)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_bench_data)

@@ -3,7 +3,8 @@
 A shard is a tar of samples ``<key>.{jpg,jpeg,png,webp}`` + ``<key>.{txt,text,caption}`` (+ optional ``<key>.json``
 metadata). ``ImageTextShards`` yields batches (build the DataLoader with ``batch_size=None``; ``make_loader`` does):
 
-    image         float32 (B, 3, H, W)   transformed in the workers
+    image         float32 (B, 3, H, W)   transformed in the workers (uint8 with a transform that leaves the
+                                         normalisation to the device: ``TrainTransform(normalize=False)``)
     text          int64   (B, L)         [CLS] caption [SEP] [PAD]...
     padding_mask  bool    (B, L)         True at padding
     image_id      int64   (B,)           json "image_id", else the numeric key, else a hash of the key
@@ -23,6 +24,21 @@ Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size
   ``s, s+1, ...`` of the uninterrupted epoch bit for bit: each worker skips the raw bytes of the batches already
   done (nothing is decoded) and takes over the role of the worker that produced batch ``s + worker_id``.
 
+Several sources (``data.train`` in a config) are by default simply concatenated: their shards are shuffled together,
+so each source contributes in proportion to its size. ``weights=[w_1, ..., w_n]`` (``urls`` then being one entry
+per source: a folder, brace pattern or list of shards) makes it a weighted mixture instead:
+
+* each slot reads each source through its own part of that source's shards (split over ranks x workers as above,
+  the shard order reshuffled per epoch and source) and its own shuffle buffer (``shuffle_buffer`` shared out in
+  proportion to the weights, so the memory it takes stays the same), and draws every sample from source ``k`` with
+  probability ``w_k / sum(w)``, with a generator seeded by ``(seed, epoch, slot)``: batches mix the sources;
+* the epoch keeps its length: ``num_samples`` is the total of the sources with a positive weight, so an epoch
+  draws as many pairs as there are. A source drawn more often than its size share is read again (a new ``pass``,
+  with new augmentations), one drawn less often is only partly read in an epoch (other shards first in the next:
+  the shard order changes per epoch);
+* everything above still holds: equal epochs per rank, disjoint ranks (a sample read again is read again by the
+  same slot), and exact resume, since the draws are a function of the position in the slot's stream.
+
 Evaluation (``train=False``): every sample once, in shard order, the last batch possibly partial, no randomness and
 no rank split. Worker ``w`` decodes batches ``w, w + num_workers, ...`` of the common stream.
 
@@ -37,6 +53,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import re
+import struct
 import json
 import logging
 import math
@@ -44,16 +62,17 @@ import os
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import base_plus_ext, tarfile_samples
 
 from evlp.data.tokenizer import TextTokenizer
+from evlp.data.transforms import jpeg_size
 from evlp.errors import EvlpError
 
 log = logging.getLogger(__name__)
@@ -120,6 +139,41 @@ def _count_tar(url: str) -> int:
     return len(keys)
 
 
+def check_weights(weights: Sequence[float], num_sources: int, name: str = "weights") -> list[float]:
+    """The mixture weights as floats; EvlpError unless there is one per source, none negative and one positive."""
+    weights = list(weights)
+    if len(weights) != num_sources:
+        sources = f"{num_sources} data source" + ("" if num_sources == 1 else "s")
+        entries = f"{len(weights)} " + ("entry" if len(weights) == 1 else "entries")
+        raise EvlpError(f"{name} has {entries} for {sources}: give one weight per source, in the same order")
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise EvlpError(f"{name} must be numbers, got {weights}") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise EvlpError(f"{name} must be finite and non-negative, got {weights}")
+    if not any(w > 0 for w in weights):
+        raise EvlpError(f"{name} are all zero: at least one source needs a positive weight")
+    return weights
+
+
+def _folder_of(urls: list[str]) -> str:
+    try:
+        return os.path.commonpath(urls) if len(urls) > 1 else os.path.dirname(urls[0]) or urls[0]
+    except ValueError:
+        return urls[0]
+
+
+def _slot_part(urls: list[str], order: random.Random, slot: int, num_slots: int):
+    """``(shards, select)`` of one (rank, worker) slot: after shuffling the shard order with ``order``, every
+    ``num_slots``-th shard when there are enough, else all shards and every ``num_slots``-th sample."""
+    shards = list(urls)
+    order.shuffle(shards)
+    if len(shards) >= num_slots:
+        return shards[slot::num_slots], None
+    return shards, (slot, num_slots)
+
+
 def _batches_of(worker: int, end: int, num_workers: int) -> int:
     """How many of the batches ``0 .. end-1`` come from ``worker`` (batch b comes from worker b % num_workers)."""
     return (end - worker + num_workers - 1) // num_workers
@@ -140,11 +194,30 @@ class ImageTextShards(IterableDataset):
         shuffle_buffer: int = 1000,
         num_samples: int | None = None,
         max_bad_fraction: float = 0.1,
+        weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.urls = expand_urls(urls)
+        if weights is None:
+            self.sources, self.weights, self.source_sizes = None, None, None
+            self.urls = expand_urls(urls)
+        else:
+            entries = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+            self.weights = check_weights(weights, len(entries))
+            self.sources = [expand_urls(entry) for entry in entries]
+            self.source_names = [str(entry) if isinstance(entry, (str, os.PathLike)) else _folder_of(source)
+                                 for entry, source in zip(entries, self.sources)]
+            self.urls = [url for source in self.sources for url in source]
+            self.source_sizes = None
+            if num_samples is None:
+                try:
+                    self.source_sizes = [count_samples(source) for source in self.sources]
+                except EvlpError:
+                    if train:
+                        raise
+                else:  # a source that is never drawn does not lengthen the epoch
+                    num_samples = sum(n for n, w in zip(self.source_sizes, self.weights) if w > 0)
         self.tokenizer = tokenizer
         self.transform = transform
         self.batch_size = batch_size
@@ -166,6 +239,7 @@ class ImageTextShards(IterableDataset):
         self._bad: Counter[str] = Counter()
         self._read: set[str] = set()  # shards read to the end at least once
         self._warned: set[str] = set()
+        self._seed_names: dict[str, str] = {}
 
     def configure(self, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
         """Set the epoch, the batch to resume from, and this process's DDP rank. Call before iter(); evaluation
@@ -233,12 +307,10 @@ class ImageTextShards(IterableDataset):
 
     def _slot_records(self, slot: int, num_slots: int) -> Iterator[dict]:
         """The endless shuffled record stream of one (rank, worker) slot for the configured epoch."""
-        shards = list(self.urls)
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
-        if len(shards) >= num_slots:
-            shards, select = shards[slot::num_slots], None
-        else:
-            select = (slot, num_slots)
+        if self.sources is not None:
+            yield from self._mixture(slot, num_slots)
+            return
+        shards, select = _slot_part(self.urls, random.Random(f"{self.seed}/{self.epoch}"), slot, num_slots)
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}")
         for pass_ in itertools.count():
             # Drained at the end of each pass, so the first pass yields each of the slot's samples exactly once.
@@ -251,6 +323,48 @@ class ImageTextShards(IterableDataset):
             if n == 0:
                 raise EvlpError(f"no valid sample in the {len(shards)} shards of data slot {slot} ({shards[0]}, ...)")
 
+    def _mixture(self, slot: int, num_slots: int) -> Iterator[dict]:
+        """The slot's records drawn from the sources at random: source k with probability weights[k] / sum(weights),
+        from its own shuffled stream, read again (next ``pass``) as often as needed."""
+        total = sum(self.weights)
+        streams = [
+            self._source_passes(k, slot, num_slots, max(1, round(self.shuffle_buffer * w / total)))
+            for k, w in enumerate(self.weights)
+        ]
+        choose = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}/mixture")
+        sources, cumulative = range(len(streams)), list(itertools.accumulate(self.weights))
+        while True:
+            yield next(streams[choose.choices(sources, cum_weights=cumulative)[0]])
+
+    def _source_passes(self, k: int, slot: int, num_slots: int, buffer: int) -> Iterator[dict]:
+        shards, select = _slot_part(self.sources[k], random.Random(f"{self.seed}/{self.epoch}/source{k}"), slot,
+                                    num_slots)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}/source{k}")
+        for pass_ in itertools.count():
+            shuffle = wds.filters.shuffle(buffer, buffer, rng=rng)  # drained per pass, as above
+            n = 0
+            for record in shuffle(self._records(shards, select, pass_)):
+                n += 1
+                yield record
+            if n == 0:
+                raise EvlpError(f"no valid sample in the {len(shards)} shards of data slot {slot} of source "
+                                f"{self.source_names[k]} ({shards[0]}, ...)")
+
+    def mixture_summary(self) -> list[str]:
+        """One line per source of a weighted mixture: its pairs, share of the draws and passes per epoch."""
+        if self.sources is None:
+            return []
+        total, lines = sum(self.weights), []
+        draws = len(self) * self.batch_size * self.world_size if self.train and self.num_samples else None
+        for k, (name, weight) in enumerate(zip(self.source_names, self.weights)):
+            line = f"{name}: weight {weight:g} ({100 * weight / total:.1f}% of the draws)"
+            if self.source_sizes is not None:
+                line += f", {self.source_sizes[k]:,} pairs"
+                if draws and self.source_sizes[k]:
+                    line += f", ~{weight / total * draws / self.source_sizes[k]:.2f} passes per epoch"
+            lines.append(line)
+        return lines
+
     # -- reading and decoding -------------------------------------------------------------------------------------
 
     def _records(self, shards: list[str], select: tuple[int, int] | None, pass_: int) -> Iterator[dict]:
@@ -258,7 +372,7 @@ class ImageTextShards(IterableDataset):
         all samples of all shards). Checks only what is cheap: an image whose header parses and a caption."""
         position = -1
         for url in shards:
-            for sample in tarfile_samples([dict(url=url)], handler=_tar_error_handler):
+            for sample in tar_samples(url):
                 position += 1
                 if select is not None and position % select[1] != select[0]:
                     continue
@@ -272,6 +386,12 @@ class ImageTextShards(IterableDataset):
             self._check_shard(url)
 
     def _make_batch(self, records: list[dict]) -> dict | None:
+        # A transform with ``into`` (TrainTransform) takes the encoded bytes and writes into a row of the batch;
+        # any other gets a PIL image and its results are stacked.
+        into = getattr(self.transform, "into", None)
+        rows = None
+        if into is not None:
+            rows = _new_batch(len(records), self.transform.output_shape, self.transform.output_dtype)
         images, kept = [], []
         if self.train:
             # Per-sample seeding below must not leak into the caller's RNG streams (num_workers=0 runs in the
@@ -283,8 +403,11 @@ class ImageTextShards(IterableDataset):
                 torch.default_generator.manual_seed(seed)
                 random.seed(seed)
             try:
-                with Image.open(io.BytesIO(r["image"])) as image:
-                    images.append(self.transform(image))
+                if rows is not None:
+                    into(r["image"], rows[len(kept)])
+                else:
+                    with Image.open(io.BytesIO(r["image"])) as image:
+                        images.append(self.transform(image))
             except Exception as e:  # any decoder or transform failure: the sample is bad, the run goes on
                 self._count_bad(r["url"], f"{r['url']}: sample {r['key']}: {type(e).__name__}: {e}")
                 continue
@@ -294,17 +417,21 @@ class ImageTextShards(IterableDataset):
             random.setstate(saved[1])
         if not kept:
             return None
+        good = len(kept)
         if self.train:
             # Fixed batch size (DDP gathers need it): fill the holes with copies of samples that did decode.
-            good = len(kept)
             for i in range(len(records) - good):
-                images.append(images[i % good])
+                if rows is not None:
+                    rows[good + i].copy_(rows[i % good])
+                else:
+                    images.append(images[i % good])
                 kept.append(kept[i % good])
         metas = [_parse_meta(r.get("json")) for r in kept]
         captions = [r["caption"] for r in kept]
         text, padding_mask = self.tokenizer(captions)
         return dict(
-            image=torch.stack(images),
+            # in a loader worker, both ways end in shared memory without another copy
+            image=rows[: len(kept)] if rows is not None else default_collate(images),
             text=text,
             padding_mask=padding_mask,
             image_id=torch.tensor([_image_id(m, r["key"]) for m, r in zip(metas, kept)], dtype=torch.long),
@@ -314,7 +441,10 @@ class ImageTextShards(IterableDataset):
 
     def _sample_seed(self, record: dict) -> int:
         # The shard's last two path components, not its full path: a moved dataset resumes with the same augmentations.
-        source = "/".join(Path(record["url"]).parts[-2:])
+        url = record["url"]
+        source = self._seed_names.get(url)
+        if source is None:
+            source = self._seed_names[url] = "/".join(Path(url).parts[-2:])
         text = f"{self.seed}/{self.epoch}/{record['pass']}/{source}/{record['key']}"
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
@@ -334,6 +464,128 @@ class ImageTextShards(IterableDataset):
             )  # fmt: skip
 
 
+_BLOCK = 512
+_END_BLOCK = bytes(_BLOCK)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def tar_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard, grouped as WebDataset's ``tarfile_samples`` groups them: ``{"__key__": "dir/name",
+    "__url__": url, "<ext>": bytes, ...}`` for each run of members named ``dir/name.<ext>`` (extensions lower-cased,
+    ``__...__`` members skipped, a repeated extension ignored).
+
+    A plain local tar is read by a minimal ustar/pax/GNU reader: Python's ``tarfile`` spends ~0.1 ms per member
+    parsing headers, more than a third of the time it takes to decode a 256-px JPEG. Compressed tars and URLs
+    (``pipe:``, ``http:``, ...) go through WebDataset. A shard that cannot be read on ends with a warning, after the
+    samples read so far."""
+    try:
+        f = open(url, "rb", buffering=1 << 20)
+    except OSError:  # not a local file (or missing): WebDataset opens it, or warns why it cannot
+        yield from tarfile_samples([dict(url=url)], handler=_tar_error_handler)
+        return
+    with f:
+        if f.peek(6)[:6].startswith(_COMPRESSED):
+            yield from tarfile_samples([dict(url=url)], handler=_tar_error_handler)
+            return
+        sample = None
+        try:
+            for name, data in _tar_members(f):
+                if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                    continue
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
+                if sample is None or prefix != sample["__key__"]:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": prefix, "__url__": url}
+                if suffix in sample:
+                    log.warning("%s: duplicate member %s, ignored", url, name)
+                    continue
+                sample[suffix] = data
+        except (tarfile.TarError, OSError, ValueError) as e:
+            _tar_error_handler(tarfile.ReadError(f"{e} @ {url}"))
+        if sample is not None:
+            yield sample
+
+
+def _tar_members(f) -> Iterator[tuple[str, bytes]]:
+    """``(name, content)`` of the regular files of an uncompressed tar stream, in order."""
+    long_name, pax = None, {}
+    while True:
+        header = f.read(_BLOCK)
+        if not header or header == _END_BLOCK:
+            return  # end of the archive (a missing end marker is tolerated, as tarfile tolerates it)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
+        stored = _tar_number(header[148:156])
+        if stored != 256 + sum(header) - sum(header[148:156]) and stored != 256 + sum(
+            struct.unpack_from("148b8x356b", header)  # some old tars sum signed bytes (tarfile accepts both)
+        ):
+            raise tarfile.HeaderError("bad checksum")
+        kind, size = header[156:157], _tar_number(header[124:136])
+        if kind in (b"x", b"g", b"L", b"K"):  # pax / GNU headers describing the next member
+            data = _read_exactly(f, _padded(size))[:size]
+            if kind == b"x":
+                pax = _pax_records(data)
+            elif kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+        if prefix:
+            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        name = pax.get("path") or long_name or name
+        size = int(pax["size"]) if "size" in pax else size
+        long_name, pax = None, {}
+        if kind in (b"0", b"\0", b"7") and not name.endswith("/"):
+            data = _read_exactly(f, size)
+            f.seek(_padded(size) - size, os.SEEK_CUR)
+            yield name, data
+        elif kind in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links, devices, directories, fifos: no content
+            continue
+        else:
+            f.seek(_padded(size), os.SEEK_CUR)
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _read_exactly(f, size: int) -> bytes:
+    data = f.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
+        n = int.from_bytes(field[1:], "big")
+        return n - (256 ** (len(field) - 1)) if field[:1] == b"\xff" else n
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:
+        raise tarfile.HeaderError(f"invalid number {field!r} in a tar header") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``length key=value\\n`` records of a pax extended header."""
+    records, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            raise tarfile.HeaderError("invalid pax header")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
 def _tar_error_handler(exn: Exception) -> bool:
     log.warning("cannot read on in a shard, skipping the rest of it: %s", exn)
     return True
@@ -347,7 +599,8 @@ def _to_record(sample: dict, url: str, pass_: int) -> dict | None:
         return None
     try:
         caption = sample[text_ext].decode("utf-8").strip()
-        Image.open(io.BytesIO(sample[image_ext]))  # parses the header only: rejects non-images without decoding
+        if jpeg_size(sample[image_ext]) is None:  # a JPEG's frame header is read in microseconds, else by PIL:
+            Image.open(io.BytesIO(sample[image_ext]))  # the header only, which rejects non-images without decoding
     except Exception:
         return None
     if not caption:
@@ -380,6 +633,19 @@ def _image_id(meta: dict, key: str) -> int:
     if stem.isdigit():
         return int(stem)
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _new_batch(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (n, *shape) batch; in a DataLoader worker in shared memory, where the batch has to go anyway
+    (what ``default_collate`` does: it saves a copy of every batch)."""
+    if get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(n * math.prod(shape) * dtype.itemsize)
+        except (AttributeError, RuntimeError):  # private API: fall back to a plain tensor, moved when sent
+            pass
+        else:
+            return torch.empty(0, dtype=dtype).set_(storage).view(n, *shape)
+    return torch.empty((n, *shape), dtype=dtype)
 
 
 def make_loader(dataset: ImageTextShards, num_workers: int, pin_memory: bool = False) -> DataLoader:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from evlp.data.shards import ImageTextShards, expand_urls
+from evlp.data.shards import ImageTextShards, check_weights, expand_urls
 from evlp.data.synthetic import prepare_quickstart
 from evlp.data.tokenizer import TextTokenizer, load_tokenizer
 from evlp.data.transforms import eval_transform, train_transform
@@ -24,6 +26,8 @@ class RunData:
     quickstart: bool = False
     num_train: int | None = None
     notes: list[str] = field(default_factory=list)
+    train_sources: list[list[str]] = field(default_factory=list)  # the shards of each data.train entry
+    train_weights: list[float] | None = None  # data.train_weights, checked
 
 
 def expand_source(entry: str) -> list[str]:
@@ -39,20 +43,24 @@ def expand_source(entry: str) -> list[str]:
 def prepare_run_data(cfg: DictConfig) -> RunData:
     """Resolve every train/val source; generate the quickstart shards on first use."""
     d = cfg.data
-    train, val, tokenizer_source, is_quickstart, num_train = [], [], None, False, None
+    val, tokenizer_source, is_quickstart, num_train = [], None, False, None
+    weights = d.get("train_weights")
+    if weights is not None:  # before any work: one clear line
+        weights = check_weights(weights, len(d.train), name="data.train_weights")
     if QUICKSTART in list(d.train) + list(d.val):
         q = d.quickstart
         qs = prepare_quickstart(Path(q.root), q.num_train, q.num_val, q.image_size, q.shard_size, q.seed)
         tokenizer_source, is_quickstart, num_train = str(qs.vocab_dir), True, qs.num_train
-    for entry in d.train:
-        train += qs.train_urls if entry == QUICKSTART else expand_source(entry)
+    sources = [list(qs.train_urls) if entry == QUICKSTART else expand_source(entry) for entry in d.train]
+    train = [url for source in sources for url in source]
     for entry in d.val:
         val += qs.val_urls if entry == QUICKSTART else expand_source(entry)
     if not train:
         raise EvlpError("data.train is empty; name at least one shard folder, brace pattern or `quickstart`")
     if d.train != [QUICKSTART]:
         num_train = None  # counted from the shards' stats
-    return RunData(train, val, tokenizer_source, is_quickstart, num_train)
+    return RunData(train, val, tokenizer_source, is_quickstart, num_train, train_sources=sources,
+                   train_weights=weights)
 
 
 def build_tokenizer(cfg: DictConfig, run_data: RunData):
@@ -67,11 +75,20 @@ def build_tokenizer(cfg: DictConfig, run_data: RunData):
 def build_datasets(cfg: DictConfig, run_data: RunData, hf_tokenizer):
     d = cfg.data
     text = TextTokenizer(hf_tokenizer, max_len=d.max_text_len)
-    train = ImageTextShards(
-        run_data.train_urls, text,
-        train_transform(d.image_size, crop_scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip),
-        d.batch_size, train=True, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train,
-    )
+    # uint8 batches, normalised on the device by PretrainModule.on_after_batch_transfer (a quarter of the bytes to
+    # write, to pass through shared memory and to copy to the GPU)
+    transform = train_transform(d.image_size, crop_scale=tuple(d.crop_scale), color_jitter=d.color_jitter,
+                                hflip=d.hflip, normalize=False)
+    if run_data.train_weights is None:
+        train = ImageTextShards(run_data.train_urls, text, transform, d.batch_size, train=True, seed=cfg.seed,
+                                shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train)
+    else:
+        train = ImageTextShards(run_data.train_sources, text, transform, d.batch_size, train=True, seed=cfg.seed,
+                                shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train,
+                                weights=run_data.train_weights)
+        if rank_zero_only.rank == 0:
+            for line in train.mixture_summary():
+                print(f"data mixture: {line}", file=sys.stderr)
     val = None
     if run_data.val_urls:
         val = ImageTextShards(run_data.val_urls, text, eval_transform(d.image_size), d.eval_batch_size, train=False)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from evlp.data.transforms import normalize_images
 from evlp.losses import ContrastiveDistillationLoss, ContrastiveLoss
 from evlp.models.build import build_student, build_teacher
 from evlp.train.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -43,6 +44,18 @@ class PretrainModule(L.LightningModule):
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
 
     # -- the step -----------------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Training images come from the loader as uint8 (evlp.data.transforms.TrainTransform(normalize=False)):
+        # normalised here, on the device, before any callback or step sees them. Float images pass unchanged.
+        images = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            images = normalize_images(images)
+            trainer = getattr(self, "_trainer", None)
+            if trainer is not None:  # what the precision plugin does to float inputs before the transfer (*-true)
+                images = trainer.precision_plugin.convert_input(images)
+            batch["image"] = images
+        return batch
+
     def _losses(self, batch: dict, train: bool) -> dict:
         images, text, padding_mask = batch["image"], batch["text"], batch["padding_mask"]
         with torch.no_grad():
