@@ -1,5 +1,5 @@
-"""`evlp bench train` end to end on a tiny config on CPU (in-process, JSON and text), and benchmarks/gpu_check.sh in
-its CPU flow-check mode."""
+"""`evlp bench train` end to end on a tiny config on CPU (in-process, JSON and text), `evlp bench eval` at toy size,
+and benchmarks/gpu_check.sh in its CPU flow-check mode."""
 
 import argparse
 import json
@@ -46,6 +46,23 @@ def test_bench_train_json_with_open_clip(capsys):
 def test_bench_train_text_report(capsys):
     out = bench(capsys)
     assert "student shared_block" in out and "GFLOP/s" in out and "\nevlp " in out and "open_clip" not in out
+
+
+def test_bench_eval_times_the_ranking_and_the_score_matrix_alone(capsys):
+    parser = argparse.ArgumentParser(prog="evlp")
+    register(parser.add_subparsers(dest="command", required=True))
+    small = ["--images", "50", "--captions", "251", "--dim", "8", "--runs", "2", "--chunk-size", "16",
+             "--device", "cpu"]
+    for args in [small + ["--json"], small]:
+        parsed = parser.parse_args(["bench", "eval", *args])
+        assert parsed.handler(parsed) == 0
+    result, text = capsys.readouterr().out.split("}\n", 1)
+    result = json.loads(result + "}")
+    assert result["images"] == 50 and result["captions"] == 251 and result["runs"] == 2 and result["device"] == "cpu"
+    assert 0 < result["min_s"] <= result["median_s"] <= result["max_s"]
+    assert 0 < result["matmul_min_s"] <= result["matmul_median_s"] <= result["matmul_max_s"]
+    assert result["gflop"] == pytest.approx(2 * 50 * 251 * 8 / 1e9)
+    assert "retrieval ranking, 50 images x 251 captions, 8-d" in text and "the score matrix alone" in text
 
 
 def test_gpu_check_flow_on_cpu(tmp_path):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from evlp.eval import chance_retrieval_metrics, retrieval_hits, retrieval_metrics
+from evlp.eval.retrieval import rank_counts
 
 KS = (1, 5, 10)
 KEYS = {"TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"}
@@ -186,6 +187,21 @@ def test_chunk_size_does_not_change_results(seed):
         assert torch.equal(tr, results[0][0]) and torch.equal(ir, results[0][1])
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_rank_counts_equal_brute_force(chunk_size):
+    # Candidates strictly above / exactly at each query's best positive, on the full matrix: what decides every hit.
+    images, texts, text_to_image = tied_set(2, dim=4, levels=1)
+    scores = images @ texts.T  # (N, M), exact small integers
+    positive = text_to_image[None, :] == torch.arange(len(images))[:, None]
+    best_caption = scores.masked_fill(~positive, -math.inf).amax(dim=1, keepdim=True)  # -inf: image 0, no caption
+    own_image = scores[text_to_image, torch.arange(len(texts))][None, :]
+    expected = [(scores > best_caption).sum(1), (scores == best_caption).sum(1), (scores > own_image).sum(0),
+                (scores == own_image).sum(0)]
+    for actual, wanted in zip(rank_counts(images, texts, text_to_image, chunk_size), expected):
+        assert torch.equal(actual, wanted)
+    assert expected[1][1:].min() >= 1 and expected[1].max() > 1 and expected[3].max() > 1  # ties, image 0 aside
+
+
 def test_fewer_candidates_than_k_retrieve_everything():
     images, texts, text_to_image = gaussian_set(seed=6, n_images=4)  # 4 images, at most 20 captions
     ks = (4, 10, 100)
@@ -204,6 +220,7 @@ def test_fewer_candidates_than_k_retrieve_everything():
         (torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0.0, 1.0])),  # not integer
         (torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, 1, 2])),  # one index per caption
         (torch.full((3, 4), math.nan), torch.randn(2, 4), torch.tensor([0, 1])),  # NaN
+        (torch.full((3, 4), 1e20), torch.full((2, 4), 1e20), torch.tensor([0, 1])),  # scores overflow to inf
     ],
 )
 def test_rejects_bad_inputs(images, texts, text_to_image):

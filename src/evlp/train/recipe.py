@@ -90,7 +90,7 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
         checkpoints,
         Throughput(pair_flops(module.student, module.teacher, cfg.data.max_text_len).total, peak_flops(t.accelerator)),
         LearningRateMonitor(logging_interval="step"),
-        *benchmark_callbacks(cfg, text_tokenizer),
+        *benchmark_callbacks(cfg, text_tokenizer, val_set),
         *extra_callbacks,
     ]
     if t.progress_bar:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 PRETRAINING_PANELS = [
     ("loss", ["train/loss", "train/kd_loss", "train/itc_loss", "val/loss"]),
     ("contrastive accuracy", ["train/x_itc_acc", "train/kd_acc", "val/x_itc_acc"]),
+    # The benchmark callbacks' metrics (train/eval_callbacks.py), whichever of them ran.
+    ("retrieval (val, %)", [f"val/{dataset}_retrieval_{name}" for dataset in ("quickstart", "coco", "flickr30k")
+                            for name in ("tr_r1", "ir_r1", "mean_recall")]),
+    ("zero-shot top-1 (val, %)", ["val/imagenet_zeroshot_top1", "val/quickstart_zeroshot_top1",
+                                  *(f"val/quickstart_zeroshot_{task}_top1"
+                                    for task in ("shape", "colour", "size", "count", "position"))]),
     ("learning rate", ["lr"]),
     ("pairs/s", ["perf/pairs_per_s"]),
 ]
@@ -54,12 +61,18 @@ def plot_curves(metrics_csv: Path, out: Path, panels: list[tuple[str, list[str]]
     import matplotlib.pyplot as plt
 
     series = read_metrics(metrics_csv)
-    panels = [(title, [n for n in names if series.get(n)]) for title, names in panels]
+    # A name also stands for its sub-series: "lr" covers LearningRateMonitor's per-group "lr/decay", "lr/no_decay".
+    panels = [(title, [s for n in names for s in sorted(series) if s == n or s.startswith(n + "/")])
+              for title, names in panels]
     panels = [p for p in panels if p[1]]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    for ax, (title, names) in zip(axes[0], panels):
+    rows = math.ceil(len(panels) / 4)  # at most 4 panels a row, rows filled evenly
+    cols = math.ceil(len(panels) / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes.flat, panels):
         for name in names:
             steps, values = zip(*series[name])
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
