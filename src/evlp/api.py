@@ -208,12 +208,20 @@ def _sized_config(model: SSMKE, model_config: dict) -> dict:
     randomly initialised towers); with these, ``build_student(..., load_weights=False)`` rebuilds this very model.
     The ``path`` entries are kept: they say what the towers were initialised from.
     """
+    from evlp.models.image import Data2Vec2ImageTower
+    from evlp.models.text import BertTextTower
+
     sized = copy.deepcopy(model_config)
-    vit, bert = model.image_tower, model.text_tower.bert.config
-    sized["image_tower"].update(width=vit.embed_dim, depth=len(vit.blocks), num_heads=vit.blocks[0].attn.num_heads,
-                                img_size=vit.patch_embed.img_size[0], patch_size=vit.patch_embed.patch_size[0])
-    sized["text_tower"].update(width=bert.hidden_size, depth=bert.num_hidden_layers,
-                               num_heads=bert.num_attention_heads, max_positions=bert.max_position_embeddings)
+    # timm and Hugging Face donors are rebuilt from their names (and config file) as in training: nothing to size.
+    if isinstance(model.image_tower, Data2Vec2ImageTower):
+        vit = model.image_tower
+        sized["image_tower"].update(width=vit.embed_dim, depth=len(vit.blocks),
+                                    num_heads=vit.blocks[0].attn.num_heads, img_size=vit.patch_embed.img_size[0],
+                                    patch_size=vit.patch_embed.patch_size[0])
+    if isinstance(model.text_tower, BertTextTower):
+        bert = model.text_tower.bert.config
+        sized["text_tower"].update(width=bert.hidden_size, depth=bert.num_hidden_layers,
+                                   num_heads=bert.num_attention_heads, max_positions=bert.max_position_embeddings)
     return sized
 
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -26,19 +26,21 @@ from evlp.errors import EvlpError
 
 @dataclass
 class ImageTowerConfig:
-    kind: str = "data2vec2"
-    path: Optional[str] = None  # weights file; None = random init from the numbers below
-    depth: Optional[int] = 6  # keep the first `depth` blocks (None = all of the file's)
-    width: int = 768
+    kind: str = "data2vec2"  # or timm:<model name> (any timm model, docs/training.md "Other donors")
+    path: Optional[str] = None  # weights file; None = random init from the numbers below (or timm's hub weights)
+    depth: Optional[int] = 6  # keep the first `depth` blocks (None = all of the file's / the whole timm model)
+    width: int = 768  # width, num_heads, patch_size: data2vec2 only (a timm model's come from its name)
     num_heads: int = 12
     img_size: int = 224
     patch_size: int = 16
+    pretrained_hub: bool = False  # timm: load timm's own pretrained weights (hub or its cache) instead of `path`
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm: extra timm.create_model arguments
 
 
 @dataclass
 class TextTowerConfig:
-    kind: str = "bert"
-    path: Optional[str] = None  # HF model name or folder; None = random init from the numbers below
+    kind: str = "bert"  # or hf: any BERT-like Hugging Face encoder named by `path` (BERT, RoBERTa, MiniLM, ...)
+    path: Optional[str] = None  # HF model name or folder; None = random init from the numbers below (bert only)
     tokenizer: Optional[str] = None  # HF name or folder; defaults to `path`
     depth: Optional[int] = 6
     width: int = 768
@@ -48,13 +50,16 @@ class TextTowerConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "beitv2"
+    kind: str = "beitv2"  # or timm:<model name>
     path: Optional[str] = None  # weights file; None = random init (only sensible for tests and the quickstart)
     depth: Optional[int] = None
-    width: int = 768
+    width: int = 768  # width, num_heads, patch_size: beitv2 only
     num_heads: int = 12
     img_size: int = 224
     patch_size: int = 16
+    pretrained_hub: bool = False  # timm: load timm's own pretrained weights instead of `path`
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm: extra timm.create_model arguments
+    target: str = "auto"  # timm: cls | pooled | logits; auto = cls where the model has a class token, else pooled
 
 
 @dataclass
@@ -93,6 +98,9 @@ class QuickstartDataConfig:
 class DataConfig:
     # Each entry: a folder of .tar shards, a brace pattern (`/data/cc3m/{00000..00331}.tar`), or `quickstart`.
     train: List[str] = field(default_factory=list)
+    # One weight per `train` entry: each pair is drawn from source i with probability w_i / sum(w), epochs keep the
+    # total size of the sources (docs/data.md "Mixing sources"). None = concatenate (in proportion to their sizes).
+    train_weights: Optional[List[float]] = None
     val: List[str] = field(default_factory=list)
     quickstart: QuickstartDataConfig = field(default_factory=QuickstartDataConfig)
     batch_size: int = 256  # per process
@@ -143,9 +151,11 @@ class EvalConfig:
     retrieval: bool = True  # text<->image retrieval on the validation split after training
     zeroshot: bool = True  # zero-shot classification (quickstart attributes) after training
     chance: bool = True  # also report what a random model would score
-    # Benchmarks at every validation, on rank 0, from data_path in the `evlp eval` layout (skipped if absent):
-    imagenet_zeroshot_callback: bool = False  # ImageNet-1K zero-shot top-1/top-5 on imagenet/val
-    retrieval_callback: Optional[str] = None  # coco | flickr30k: Karpathy-test TR/IR@1/5/10
+    # Benchmarks at every validation, on rank 0 (train/eval_callbacks.py). imagenet, coco, flickr30k: from data_path
+    # in the `evlp eval` layout (skipped if absent); quickstart: the quickstart's held-out split (data.val).
+    zeroshot_callback: Optional[str] = None  # imagenet: ImageNet-1K top-1/top-5; quickstart: its attribute tasks
+    imagenet_zeroshot_callback: bool = False  # = zeroshot_callback: imagenet (the older switch)
+    retrieval_callback: Optional[str] = None  # coco | flickr30k: Karpathy-test TR/IR@1/5/10; quickstart: its val split
     callback_max_images: Optional[int] = None  # a fixed random subset of this many images (None = all), for speed
 
 

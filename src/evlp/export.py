@@ -116,8 +116,9 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+def _teacher_name(teacher: dict) -> str:
+    kind = teacher.get("kind", "beitv2")
+    return "BEiTv2 ViT" if kind == "beitv2" else kind
 
 
 def _origin(path: str | None) -> str:
@@ -174,10 +175,8 @@ def model_card(loaded: LoadedModel, name: str, found: tuple[dict | None, str]) -
         "",
         "| part | description | parameters |",
         "|---|---|---:|",
-        f"| image tower | Data2Vec2 ViT, {_plural(image['depth'], 'post-LN block')}, width {image['width']}, patch "
-        f"{image['patch_size']}, {image['img_size']}px; {image_from} | {_count(m.image_tower):,} |",
-        f"| text tower | BERT, {_plural(text['depth'], 'layer')}, width {text['width']}, vocabulary "
-        f"{loaded.tokenizer.vocab_size:,}; {text_from} | {_count(m.text_tower):,} |",
+        f"| image tower | {m.image_tower.describe()}; {image_from} | {_count(m.image_tower):,} |",
+        f"| text tower | {m.text_tower.describe()}; {text_from} | {_count(m.text_tower):,} |",
         f"| shared block and heads | 1 Transformer block, width {model_cfg['embed_dim']}, {model_cfg['num_heads']} "
         f"heads, token-type embeddings, projections, distillation head | {total - towers:,} |",
         f"| total | | {total:,} |",
@@ -210,8 +209,8 @@ def model_card(loaded: LoadedModel, name: str, found: tuple[dict | None, str]) -
         lines += [f"- {steps}, {d['batch_size']} pairs per batch and process, on {t['devices']} {t['accelerator']} "
                   f"device(s) x {t['num_nodes']} node(s), precision {t['precision']}",
                   f"- run `{cfg.get('run_name')}`, checkpoint `{loaded.source.name}`"]
-    lines += [f"- distillation teacher: BEiTv2 ViT ({teacher.get('path') or 'randomly initialised'}); the teacher "
-              "is not part of this model"]
+    lines += [f"- distillation teacher: {_teacher_name(teacher)} ({teacher.get('path') or 'randomly initialised'}); "
+              "the teacher is not part of this model"]
     lines += ["", "## Evaluation", "", *_results_section(*found), "", "## Intended use", "",
               "Zero-shot image classification with text prompts and text-to-image / image-to-text retrieval (for "
               "example searching a photo collection by description), and research on efficient vision-language "
@@ -241,9 +240,12 @@ def limitations(loaded: LoadedModel) -> list[str]:
     elif train and train != ["quickstart"]:
         items.append("The published S-SMKE recipe trains on COCO; this run's data (above) decides whether COCO "
                      "retrieval results are zero-shot.")
-    if teacher.get("path"):
+    if teacher.get("path") and teacher.get("kind", "beitv2") == "beitv2":
         items.append("The distillation teacher (BEiTv2) was pretrained on ImageNet-1K images, so ImageNet "
                      "\"zero-shot\" results are not strictly zero-shot.")
+    elif teacher.get("path") or teacher.get("pretrained_hub"):
+        items.append(f"If the distillation teacher ({_teacher_name(teacher)}) was trained on ImageNet images, "
+                     "ImageNet \"zero-shot\" results are not strictly zero-shot.")
     if train != ["quickstart"]:
         items.append("Inherits the biases of its web-crawled caption data and of the pretrained towers.")
     return items

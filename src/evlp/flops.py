@@ -67,6 +67,13 @@ def vit_flops(vit: nn.Module) -> float:
     return patch_embed_flops(vit.patch_embed.proj, patches) + blocks_flops(vit.blocks, tokens, vit.embed_dim)
 
 
+def image_model_flops(model: nn.Module) -> float:
+    """An image tower or teacher: the built-in ViTs analytically; a timm donor of any family (a CNN's convolutions
+    depend on every stage's resolution) as measured by its dry forward when it was built, by the same convention."""
+    measured = getattr(model, "forward_flops", None)
+    return measured if measured is not None else vit_flops(model)
+
+
 @dataclass
 class PairFlops:
     """Forward FLOPs per image-text pair, per part of the student, and of the teacher (forward only)."""
@@ -95,20 +102,20 @@ class PairFlops:
 
 
 def pair_flops(student: nn.Module, teacher: nn.Module, text_len: int) -> PairFlops:
-    """Count an ``SSMKE`` student and a ``BEiTv2Teacher`` built at any size, on any device including meta."""
+    """Count an ``SSMKE`` student and its teacher, any donors, built at any size, on any device including meta."""
     image, text = student.image_tower, student.text_tower
     image_tokens = image.num_image_tokens
     return PairFlops(
         student={
-            "image_tower": vit_flops(image),
-            "text_tower": blocks_flops(text.bert.encoder.layer, text_len, text.width),
+            "image_tower": image_model_flops(image),
+            "text_tower": blocks_flops(text.layers, text_len, text.width),
             "projections": tokens_linear_flops(student.image_proj, image_tokens)
                            + tokens_linear_flops(student.text_proj, text_len),
             "shared_block": block_flops(student.shared, image_tokens, student.embed_dim)
                             + block_flops(student.shared, text_len, student.embed_dim),
             "kd_head": 2 * cls_linear_flops(student.head),  # on the image CLS and on the text CLS
         },
-        teacher=vit_flops(teacher),
+        teacher=image_model_flops(teacher),
     )
 
 

@@ -117,7 +117,7 @@ class EvlpStep(TrainStep):
 
     @property
     def vocab_size(self) -> int:
-        return self.module.student.text_tower.bert.config.vocab_size
+        return self.module.student.text_tower.vocab_size
 
     def loss(self, batch: dict) -> torch.Tensor:
         # PretrainModule.training_step without self.log (there is no Trainer here), non-finite flag included.

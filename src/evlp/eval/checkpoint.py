@@ -32,9 +32,15 @@ STUDENT_PREFIX = "student."
 # Parts every S-SMKE student has: their absence means another kind of checkpoint.
 REQUIRED_PARTS = ("student.image_tower.", "student.text_tower.", "student.shared.", "student.head.")
 TEXT_EMBEDDINGS = "text_tower.bert.embeddings."
-# The tensors whose shapes give the architecture (see build_from_checkpoint).
-SHAPE_KEYS = ("image_tower.patch_embed.proj.weight", "image_tower.pos_embed",
-              TEXT_EMBEDDINGS + "word_embeddings.weight", TEXT_EMBEDDINGS + "position_embeddings.weight", "head.weight")
+# The tensors whose shapes give the architecture of the built-in towers (see build_from_checkpoint); a timm or
+# Hugging Face donor ('timm:<name>', 'hf') is built from its name (and config file) alone, as in training.
+IMAGE_SHAPE_KEYS = ("image_tower.patch_embed.proj.weight", "image_tower.pos_embed")
+TEXT_SHAPE_KEYS = (TEXT_EMBEDDINGS + "word_embeddings.weight", TEXT_EMBEDDINGS + "position_embeddings.weight")
+
+
+def _shape_keys(cfg: DictConfig) -> tuple[str, ...]:
+    return ((IMAGE_SHAPE_KEYS if cfg.model.image_tower.kind == "data2vec2" else ())
+            + (TEXT_SHAPE_KEYS if cfg.model.text_tower.kind == "bert" else ()) + ("head.weight",))
 
 
 @dataclass
@@ -90,7 +96,7 @@ def read_student_checkpoint(path: str | Path) -> StudentCheckpoint:
     # Everything else (kd_loss.* = the KD memory bank, a fine-tuning run's loss state) is training state only.
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
     ignored = sorted({k.split(".", 1)[0] + ".*" for k in keys if not k.startswith(STUDENT_PREFIX)})
-    incomplete = [STUDENT_PREFIX + k for k in SHAPE_KEYS if k not in state]
+    incomplete = [STUDENT_PREFIX + k for k in _shape_keys(cfg) if k not in state]
     if incomplete:
         raise EvlpError(f"{path}: incomplete S-SMKE student, {', '.join(incomplete)} missing; {expected}")
     return StudentCheckpoint(path, cfg, state, ckpt.get("global_step"), ignored)
@@ -135,24 +141,26 @@ def build_from_checkpoint(ckpt: StudentCheckpoint, device: torch.device | str = 
     :func:`read_student_checkpoint`."""
     hf_tokenizer = _hf_tokenizer(ckpt)
     state = ckpt.state
-    vocab_rows, _ = state[TEXT_EMBEDDINGS + "word_embeddings.weight"].shape
-    if len(hf_tokenizer) != vocab_rows:
-        raise EvlpError(f"{ckpt.path}: the tokenizer {hf_tokenizer.name_or_path} has {len(hf_tokenizer):,} tokens but "
-                        f"the checkpoint's text tower has {vocab_rows:,} embedding rows; set the run's "
-                        f"model.text_tower.tokenizer to the one it was trained with")
-    # The config describes the run, but a tower loaded from a pretrained file took its shape from the file (a width
-    # other than the config's, "all the file's layers", the file's position table): every size is therefore read
-    # off the weights themselves, and a pretrained text tower's head count from its own config file.
+    # The config describes the run, but a built-in tower loaded from a pretrained file took its shape from the file
+    # (a width other than the config's, "all the file's layers", the file's position table): every size is therefore
+    # read off the weights themselves, and a pretrained text tower's head count from its own config file.
     model_cfg = OmegaConf.create(OmegaConf.to_container(ckpt.cfg.model))
     image, text = model_cfg.image_tower, model_cfg.text_tower
-    width, _, patch, _ = state["image_tower.patch_embed.proj.weight"].shape
-    grid = math.isqrt(state["image_tower.pos_embed"].shape[1])
-    image.width, image.patch_size, image.img_size = width, patch, grid * patch
-    image.depth = _layer_count(state, "image_tower.blocks.")
-    text.max_positions, text.width = state[TEXT_EMBEDDINGS + "position_embeddings.weight"].shape
-    text.depth = _layer_count(state, "text_tower.bert.encoder.layer.")
-    if text.path is not None:
-        text.num_heads = _pretrained_text_heads(text.path)
+    if image.kind == "data2vec2":
+        width, _, patch, _ = state["image_tower.patch_embed.proj.weight"].shape
+        grid = math.isqrt(state["image_tower.pos_embed"].shape[1])
+        image.width, image.patch_size, image.img_size = width, patch, grid * patch
+        image.depth = _layer_count(state, "image_tower.blocks.")
+    if text.kind == "bert":
+        vocab_rows, _ = state[TEXT_EMBEDDINGS + "word_embeddings.weight"].shape
+        if len(hf_tokenizer) != vocab_rows:
+            raise EvlpError(f"{ckpt.path}: the tokenizer {hf_tokenizer.name_or_path} has {len(hf_tokenizer):,} "
+                            f"tokens but the checkpoint's text tower has {vocab_rows:,} embedding rows; set the run's "
+                            f"model.text_tower.tokenizer to the one it was trained with")
+        text.max_positions, text.width = state[TEXT_EMBEDDINGS + "position_embeddings.weight"].shape
+        text.depth = _layer_count(state, "text_tower.bert.encoder.layer.")
+        if text.path is not None:
+            text.num_heads = _pretrained_text_heads(text.path)
     student: SSMKE = build_student(model_cfg, kd_dim=ckpt.kd_dim, tokenizer=hf_tokenizer, load_weights=False)
     try:
         student.load_state_dict(state, strict=True)

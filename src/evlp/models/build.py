@@ -1,9 +1,17 @@
-"""Build the student and the teacher from a run config (``cfg.model``), with or without pretrained weights."""
+"""Build the student and the teacher from a run config (``cfg.model``), with or without pretrained weights.
+
+Each part names its donor with ``kind``: the recipe's built-in ones (``data2vec2`` image tower, ``bert`` text tower,
+``beitv2`` teacher, read from their upstream files), ``timm:<model name>`` for an image tower or a teacher (weights
+from ``path``, from timm's own pretrained weights with ``pretrained_hub: true``, or random), and ``hf`` for a
+BERT-like Hugging Face text encoder named by ``path``. ``load_weights=False`` builds the same architecture without
+reading any weights (``evlp info``, FLOP counts, rebuilding a student from its checkpoint).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from evlp.errors import EvlpError
@@ -11,6 +19,7 @@ from evlp.models.image import Data2Vec2ImageTower
 from evlp.models.s_smke import SSMKE
 from evlp.models.teacher import BEiTv2Teacher
 from evlp.models.text import BertTextTower, bert_config
+from evlp.models.timm_donors import TimmImageTower, TimmTeacher, create_timm_model, timm_name
 from evlp.pretrained.commands import WEIGHT_URLS
 
 # Where the seed README tells users to get each upstream file.
@@ -21,21 +30,72 @@ DOWNLOAD_URLS = {
 
 
 def check_weight_files(model_cfg: DictConfig) -> None:
-    """Fail before any work when a configured weight file is missing, saying where it was expected and where to get
-    it (``evlp download weights --data-path DIR`` fetches both)."""
-    for part, kind in (("image_tower", model_cfg.image_tower.kind), ("teacher", model_cfg.teacher.kind)):
-        path = model_cfg[part].path
-        if path is not None and not Path(path).exists():
-            url = DOWNLOAD_URLS.get(kind, "")
+    """Fail before any work on a donor that cannot be built: a missing weight file (saying where it was expected and
+    where to get it; ``evlp download weights --data-path DIR`` fetches the built-in ones), an unknown timm model, a
+    weight file that does not fit the named architecture, a depth the donor does not allow, a Hugging Face text model
+    without a tokenizer. Nothing is allocated: the timm donors are checked on the meta device."""
+    for part in ("image_tower", "teacher"):
+        cfg, where = model_cfg[part], f"model.{part}"
+        name = timm_name(cfg.kind)
+        if name is not None:
+            _check_timm(cfg, name, where, teacher=part == "teacher")
+        elif cfg.path is not None and not Path(cfg.path).exists():
+            url = DOWNLOAD_URLS.get(cfg.kind, "")
             raise EvlpError(
-                f"model.{part}.path: {path} does not exist; download {url} to that path "
-                f"(or run `evlp download weights --data-path <base_dir>`), or set model.{part}.path=..."
+                f"{where}.path: {cfg.path} does not exist; download {url} to that path "
+                f"(or run `evlp download weights --data-path <base_dir>`), or set {where}.path=..."
             )
+    if model_cfg.text_tower.kind == "hf":
+        _check_hf_text(model_cfg.text_tower)
+
+
+def _check_timm(cfg: DictConfig, name: str, where: str, teacher: bool) -> None:
+    from evlp.pretrained.timm_weights import check_timm_weights
+
+    with torch.device("meta"):  # name, model_kwargs, depth and target, at no cost
+        (build_teacher if teacher else build_image_tower)(cfg, load_weights=False)
+    if cfg.path is not None:
+        if cfg.pretrained_hub:
+            raise EvlpError(f"{where}: both path and pretrained_hub are set; give one source of weights")
+        check_timm_weights(name, cfg.img_size, where, cfg.path, cfg.model_kwargs,
+                           keep_classifier=teacher and cfg.target == "logits")
+
+
+def _check_hf_text(cfg: DictConfig) -> None:
+    from evlp.data.tokenizer import load_tokenizer
+    from evlp.pretrained.hf_text import hf_config
+
+    where = "model.text_tower"
+    if cfg.path is None:
+        raise EvlpError(f"{where}.path: kind hf needs a Hugging Face model name or folder")
+    config = hf_config(cfg.path, where)
+    with torch.device("meta"):  # the layer list and the depth
+        build_text_tower(cfg, load_weights=False)
+    source = cfg.tokenizer or cfg.path
+    try:
+        tokenizer = load_tokenizer(source)
+    except EvlpError as e:
+        raise EvlpError(f"{where}: no tokenizer for {cfg.path} ({e}); set {where}.tokenizer to the Hugging Face "
+                        f"name or folder of the tokenizer the model was trained with") from None
+    if len(tokenizer) > config.vocab_size:
+        raise EvlpError(f"{where}: the tokenizer {source} has {len(tokenizer):,} tokens, but {cfg.path} embeds only "
+                        f"{config.vocab_size:,}; set {where}.tokenizer to the model's own tokenizer")
 
 
 def build_image_tower(cfg: DictConfig, load_weights: bool = True):
+    name = timm_name(cfg.kind)
+    if name is not None:
+        if load_weights:
+            from evlp.pretrained.timm_weights import load_timm_model
+
+            model = load_timm_model(name, cfg.img_size, "model.image_tower", cfg.path, cfg.pretrained_hub,
+                                    cfg.model_kwargs)
+        else:
+            model = create_timm_model(name, cfg.img_size, 0, "model.image_tower", cfg.model_kwargs)
+        return TimmImageTower(model, name, cfg.img_size, cfg.depth)
     if cfg.kind != "data2vec2":
-        raise EvlpError(f"model.image_tower.kind: unknown kind '{cfg.kind}'; expected 'data2vec2'")
+        raise EvlpError(f"model.image_tower.kind: unknown kind '{cfg.kind}'; expected 'data2vec2' or "
+                        f"'timm:<model name>'")
     if cfg.path is not None and load_weights:
         from evlp.pretrained import load_data2vec2_image
 
@@ -43,10 +103,16 @@ def build_image_tower(cfg: DictConfig, load_weights: bool = True):
     return Data2Vec2ImageTower(cfg.img_size, cfg.patch_size, cfg.width, cfg.depth or 12, cfg.num_heads)
 
 
-def build_text_tower(cfg: DictConfig, tokenizer=None, load_weights: bool = True) -> BertTextTower:
-    """``tokenizer`` (an HF tokenizer) sets the vocabulary size of a randomly initialised tower."""
+def build_text_tower(cfg: DictConfig, tokenizer=None, load_weights: bool = True):
+    """``tokenizer`` (an HF tokenizer) sets the vocabulary size of a randomly initialised ``bert`` tower."""
+    if cfg.kind == "hf":
+        from evlp.pretrained.hf_text import load_hf_text
+
+        if cfg.path is None:
+            raise EvlpError("model.text_tower.path: kind hf needs a Hugging Face model name or folder")
+        return load_hf_text(cfg.path, cfg.depth, load_weights)
     if cfg.kind != "bert":
-        raise EvlpError(f"model.text_tower.kind: unknown kind '{cfg.kind}'; expected 'bert'")
+        raise EvlpError(f"model.text_tower.kind: unknown kind '{cfg.kind}'; expected 'bert' or 'hf'")
     if cfg.path is not None and load_weights:
         from evlp.pretrained import load_bert
 
@@ -63,9 +129,20 @@ def build_text_tower(cfg: DictConfig, tokenizer=None, load_weights: bool = True)
     return BertTextTower(config)
 
 
-def build_teacher(cfg: DictConfig, load_weights: bool = True) -> BEiTv2Teacher:
+def build_teacher(cfg: DictConfig, load_weights: bool = True):
+    name = timm_name(cfg.kind)
+    if name is not None:
+        logits = cfg.target == "logits"
+        if load_weights:
+            from evlp.pretrained.timm_weights import load_timm_model
+
+            model = load_timm_model(name, cfg.img_size, "model.teacher", cfg.path, cfg.pretrained_hub,
+                                    cfg.model_kwargs, keep_classifier=logits)
+        else:
+            model = create_timm_model(name, cfg.img_size, None if logits else 0, "model.teacher", cfg.model_kwargs)
+        return TimmTeacher(model, name, cfg.img_size, cfg.target, cfg.depth)
     if cfg.kind != "beitv2":
-        raise EvlpError(f"model.teacher.kind: unknown kind '{cfg.kind}'; expected 'beitv2'")
+        raise EvlpError(f"model.teacher.kind: unknown kind '{cfg.kind}'; expected 'beitv2' or 'timm:<model name>'")
     if cfg.path is not None and load_weights:
         from evlp.pretrained import load_beitv2
 

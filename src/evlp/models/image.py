@@ -106,3 +106,7 @@ class Data2Vec2ImageTower(VisionTransformer):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)
+
+    def describe(self) -> str:
+        return (f"Data2Vec2 ViT, width {self.width}, {len(self.blocks)} post-LN blocks, patch "
+                f"{self.patch_embed.patch_size[0]}, {self.patch_embed.img_size[0]}px (sin-cos positions are fixed)")

@@ -67,3 +67,6 @@ class BEiTv2Teacher(Beit):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_features(images)[:, 0]
+
+    def describe(self) -> str:
+        return f"BEiTv2 ViT, width {self.width}, {len(self.blocks)} blocks, target: CLS of the last block, frozen"

@@ -11,6 +11,10 @@ Every tensor of a file is either loaded or dropped by a documented rule (``data2
 else is an ``EvlpError`` naming the tensors. No file is unpickled with code execution (``safe_pickle``), nothing is
 downloaded except by ``evlp download weights`` (``download``), and ``evlp weights convert`` (``loaders``) turns an
 upstream file into safetensors that later loads prefer.
+
+Other donors (``kind: timm:<name>`` / ``kind: hf``, docs/training.md "Other donors"): ``timm_weights`` reads, maps and
+checks weight files for any timm model (torchvision's MobileNetV2 included), ``hf_text`` loads any BERT-like Hugging
+Face encoder as a text tower.
 """
 
 from evlp.pretrained.bert import load_bert

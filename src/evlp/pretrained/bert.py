@@ -30,7 +30,7 @@ DROPPED_PREFIXES = ("pooler.", "cls.")  # pooler and pretraining heads (MLM, NSP
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers prints a load report table and a progress bar; our own check replaces both."""
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity(logging.ERROR)
@@ -43,7 +43,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _is_local_path(name: str) -> bool:
+def is_local_path(name: str) -> bool:
     """Whether ``name`` means a folder rather than a hub id (``name`` or ``namespace/name``)."""
     return (Path(name).expanduser().exists() or os.path.isabs(name) or name.startswith((".", "~"))
             or name.count("/") > 1 or "\\" in name)
@@ -56,7 +56,7 @@ def load_bert(name_or_dir: str | Path, depth: int | None = None):
     cannot be found becomes a one-line ``EvlpError`` saying how to get the files.
     """
     name = str(name_or_dir)
-    local = _is_local_path(name)
+    local = is_local_path(name)
     if local:
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -67,7 +67,7 @@ def load_bert(name_or_dir: str | Path, depth: int | None = None):
             raise EvlpError(f"{path} is not {FORMAT_NAMES['hf-bert']}: {problem}")
         name = str(path)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(name)
             if config.model_type != "bert":
                 raise EvlpError(f"{name} is a {config.model_type!r} model, expected BERT")

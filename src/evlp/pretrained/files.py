@@ -74,7 +74,7 @@ def describe(obj) -> str:
     return f"a {type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """'zip', 'pickle' or 'safetensors' from the first bytes, or an EvlpError saying what the file is instead."""
     size = path.stat().st_size
     if size == 0:
@@ -155,7 +155,7 @@ def read_weight_file(path: str | Path) -> WeightFile:
         raise EvlpError(f"{path}: no such file")
     if path.is_dir():
         raise EvlpError(f"{path} is a folder, expected a checkpoint file")
-    kind = _sniff(path)
+    kind = sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path)
     if kind == "zip":

@@ -92,13 +92,9 @@ def identity(key: str) -> str:
     return key
 
 
-def load_exact(module: nn.Module, state: dict, where: str, file_key=identity) -> None:
-    """``module.load_state_dict(state)`` that first names every missing, unexpected or mis-shaped tensor.
-
-    ``file_key`` turns a module key back into the file's name for it, so that messages use the names the user's
-    file has.
-    """
-    expected = module.state_dict()
+def fit_problems(expected: dict, state: dict, file_key=identity) -> list[str]:
+    """Every tensor of ``state`` that is missing from, foreign to or mis-shaped for a module whose state dict is
+    ``expected`` (only shapes are read, so ``expected`` may live on the meta device), grouped on one line each."""
     missing = [f"{file_key(k)} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
     unexpected = [f"{file_key(k)} {tuple(v.shape)}" if isinstance(v, torch.Tensor)
                   else f"{file_key(k)} (a {type(v).__name__}, not a tensor)"
@@ -106,8 +102,17 @@ def load_exact(module: nn.Module, state: dict, where: str, file_key=identity) ->
     mismatched = [f"{file_key(k)} {tuple(v.shape)} in the file vs {tuple(expected[k].shape)} in the model"
                   for k, v in state.items()
                   if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
-    problems = [f"{label}: {clip(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+    return [f"{label}: {clip(keys)}" for label, keys in
+            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+
+
+def load_exact(module: nn.Module, state: dict, where: str, file_key=identity) -> None:
+    """``module.load_state_dict(state)`` that first names every missing, unexpected or mis-shaped tensor.
+
+    ``file_key`` turns a module key back into the file's name for it, so that messages use the names the user's
+    file has.
+    """
+    problems = fit_problems(module.state_dict(), state, file_key)
     if problems:
         raise EvlpError(f"{where}: the weights do not fit {type(module).__name__}: {'; '.join(problems)}")
     module.load_state_dict(state, strict=True)
