@@ -72,25 +72,31 @@ def _sentences(rng: random.Random, first_id: int, count: int, imgid: int) -> lis
     return out
 
 
-def make_karpathy(data_path: Path, dataset: str, n_test: int = 4, seed: int = 0) -> Path:
+def make_karpathy(data_path: Path, dataset: str, n_test: int = 4, seed: int = 0,
+                  splits: dict[str, int] | None = None) -> Path:
     """``dataset_coco.json`` (images in ``coco/val2014/``) or ``dataset_flickr30k.json`` (``flickr30k/flickr30k-
     images/``) in Karpathy's format: ``n_test`` test images with 5 captions (the first with 6, as some COCO images
-    have), plus a train and a restval image whose files are absent (only the test split is read)."""
+    have), plus a train and a restval image whose files are absent (only the test split is read).
+
+    ``splits`` (``{split: image count}``, e.g. ``{"train": 6, "restval": 2, "val": 3, "test": 3}``) replaces that
+    layout, and then every image of every split is written (COCO: train images in ``train2014/``, the others in
+    ``val2014/``, as in Karpathy's file)."""
     rng = random.Random(seed)
     images, sentid = [], 0
-    splits = ["test"] * n_test + ["train", "restval"]
-    for i, split in enumerate(splits):
+    layout = [s for s, n in splits.items() for _ in range(n)] if splits else ["test"] * n_test + ["train", "restval"]
+    for i, split in enumerate(layout):
         count = 6 if i == 0 else 5
         entry = {"sentids": list(range(sentid, sentid + count)), "imgid": i, "split": split,
                  "sentences": _sentences(rng, sentid, count, i)}
         if dataset == "coco":
             cocoid = 100 + i
-            entry |= {"filepath": "val2014", "filename": f"COCO_val2014_{cocoid:012d}.jpg", "cocoid": cocoid}
-            image_path = data_path / "coco" / "val2014" / entry["filename"]
+            folder = "train2014" if splits and split == "train" else "val2014"
+            entry |= {"filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "cocoid": cocoid}
+            image_path = data_path / "coco" / folder / entry["filename"]
         else:
             entry |= {"filename": f"{1000092795 + i}.jpg"}
             image_path = data_path / "flickr30k" / "flickr30k-images" / entry["filename"]
-        if split == "test":
+        if split == "test" or splits:
             write_image(image_path, seed * 100 + i)
         images.append(entry)
         sentid += count

@@ -95,15 +95,27 @@ def _ce_and_acc(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 class ContrastiveLoss(nn.Module):
     """CLIP image-text contrastive loss over the global batch (local loss, features gathered with gradient)."""
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                sample_ids: Tensor | None = None) -> dict[str, Tensor]:
         """``(B, D)`` L2-normalised features and the exponentiated scale -> ``{loss, image_loss, text_loss, image_acc,
-        text_acc}``; ``image_loss`` is image->text CE, ``text_loss`` text->image CE, accs are detached fractions."""
+        text_acc}``; ``image_loss`` is image->text CE, ``text_loss`` text->image CE, accs are detached fractions.
+
+        ``sample_ids`` (B,) integer, optional: the image each pair shows. Pairs of the global batch that show the same
+        image as a query's own pair (another caption of that image) are then removed from its negatives: each
+        query's candidates are its positive and the pairs of other images (retrieval fine-tuning, where a batch can
+        hold several captions of one image)."""
         all_image = gather_with_grad(image_features)  # (B*W, D)
         all_text = gather_with_grad(text_features)  # (B*W, D)
         labels = _local_labels(image_features.shape[0], image_features.device)  # (B,)
 
         logits_per_image = _scaled_logits(image_features, all_text, logit_scale)  # (B, B*W)
         logits_per_text = _scaled_logits(text_features, all_image, logit_scale)  # (B, B*W)
+        if sample_ids is not None:
+            all_ids = gather_no_grad(sample_ids)  # (B*W,)
+            same_image = sample_ids[:, None] == all_ids[None, :]  # (B, B*W), the relation is symmetric
+            same_image[torch.arange(len(labels), device=labels.device), labels] = False  # keep the positives
+            logits_per_image = logits_per_image.masked_fill(same_image, float("-inf"))
+            logits_per_text = logits_per_text.masked_fill(same_image, float("-inf"))
         image_loss, image_acc = _ce_and_acc(logits_per_image, labels)
         text_loss, text_acc = _ce_and_acc(logits_per_text, labels)
         return {

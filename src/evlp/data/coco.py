@@ -50,13 +50,7 @@ def download_coco(
 ) -> list[RunResult]:
     """Fetch and extract COCO 2014 and the Karpathy split, then write ``coco/shards/{train,val,test}``."""
     root = Path(data_path) / "coco"
-    for name in ("train2014", "val2014"):
-        if not (root / name).is_dir():
-            archive = _download(base_url or COCO_BASE_URL, f"{name}.zip", root)
-            _extract_folder(archive, root, name)
-            if not keep_archives:
-                archive.unlink()
-    annotations = _karpathy_json(root, "dataset_coco.json", base_url, keep_archives)
+    annotations = fetch_coco_files(data_path, base_url=base_url, keep_archives=keep_archives)
     return write_caption_shards(
         "coco", annotations, root, lambda image: f"{image['filepath']}/{image['filename']}",
         lambda image: image["cocoid"], shard_size=shard_size, image_options=image_options, workers=workers,
@@ -74,17 +68,47 @@ def download_flickr30k(
 ) -> list[RunResult]:
     """Fetch the Karpathy split of Flickr30K and write ``flickr30k/shards/{train,val,test}`` from the user's images."""
     root = Path(data_path) / "flickr30k"
-    images = root / "flickr30k-images"
-    if not images.is_dir():
-        raise EvlpError(
-            f"{images} not found. Flickr30K's images are not public: request access at {FLICKR_FORM}, download "
-            f"flickr30k-images.tar.gz, unpack it so that {images}/ holds the .jpg files, and rerun"
-        )
+    images = check_flickr30k_images(data_path)
     annotations = _karpathy_json(root, "dataset_flickr30k.json", base_url, keep_archives)
     return write_caption_shards(
         "flickr30k", annotations, images, lambda image: image["filename"], _flickr_id,
         shard_size=shard_size, image_options=image_options, workers=workers,
     )  # fmt: skip
+
+
+def fetch_coco_files(
+    data_path: str | os.PathLike, *, base_url: str | None = None, keep_archives: bool = False
+) -> Path:
+    """The raw COCO 2014 images (``coco/train2014``, ``coco/val2014``) and ``coco/dataset_coco.json``, each fetched
+    only when missing, without writing shards (what retrieval fine-tuning and evaluation read); returns the split
+    file."""
+    root = Path(data_path) / "coco"
+    for name in ("train2014", "val2014"):
+        if not (root / name).is_dir():
+            archive = _download(base_url or COCO_BASE_URL, f"{name}.zip", root)
+            _extract_folder(archive, root, name)
+            if not keep_archives:
+                archive.unlink()
+    return _karpathy_json(root, "dataset_coco.json", base_url, keep_archives)
+
+
+def check_flickr30k_images(data_path: str | os.PathLike) -> Path:
+    """``<data_path>/flickr30k/flickr30k-images``, or the EvlpError that says how to get the (licensed) images."""
+    images = Path(data_path) / "flickr30k" / "flickr30k-images"
+    if not images.is_dir():
+        raise EvlpError(
+            f"{images} not found. Flickr30K's images are not public: request access at {FLICKR_FORM}, download "
+            f"flickr30k-images.tar.gz, unpack it so that {images}/ holds the .jpg files, and rerun"
+        )
+    return images
+
+
+def fetch_flickr30k_split(
+    data_path: str | os.PathLike, *, base_url: str | None = None, keep_archives: bool = False
+) -> Path:
+    """``flickr30k/dataset_flickr30k.json``, fetched when missing (after checking that the user's images are there)."""
+    check_flickr30k_images(data_path)
+    return _karpathy_json(Path(data_path) / "flickr30k", "dataset_flickr30k.json", base_url, keep_archives)
 
 
 def _flickr_id(image: dict) -> int:

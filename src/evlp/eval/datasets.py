@@ -180,10 +180,19 @@ def load_karpathy_split(dataset: str, data_path: str | os.PathLike, split: str =
 def load_imagenet_val(data_path: str | os.PathLike) -> ImageNetVal:
     """ImageNet val from ``<data_path>/imagenet/val/*_<synset>.JPEG``; class index = position of the synset in the
     standard sorted order. Raises ``EvlpError`` for a missing folder, another layout or an unknown synset."""
-    root = Path(data_path) / "imagenet" / "val"
-    layout = "<data_path>/imagenet/val/<name>_<synset>.JPEG, e.g. ILSVRC2012_val_00000001_n01751748.JPEG"
+    return load_imagenet_split(data_path, "val")
+
+
+IMAGENET_EXAMPLE_NAMES = {"val": "ILSVRC2012_val_00000001_n01751748.JPEG", "train": "n01440764_10026_n01440764.JPEG"}
+
+
+def load_imagenet_split(data_path: str | os.PathLike, split: str) -> ImageNetVal:
+    """ImageNet ``split`` (``val`` or ``train``) from the flat ``<data_path>/imagenet/<split>/*_<synset>.JPEG``
+    layout; zero-shot evaluation reads ``val``, image fine-tuning both."""
+    root = Path(data_path) / "imagenet" / split
+    layout = f"<data_path>/imagenet/{split}/<name>_<synset>.JPEG, e.g. {IMAGENET_EXAMPLE_NAMES.get(split, '')}"
     if not root.is_dir():
-        raise EvlpError(f"ImageNet val folder {root} not found; expected {layout}")
+        raise EvlpError(f"ImageNet {split} folder {root} not found; expected {layout}")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     files = [e for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
     if not files:

@@ -55,6 +55,7 @@ class AugmentConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
+    eval_crop_pct: float = 0.875  # eval: resize the shorter side to image_size / crop_pct, centre crop (original: 1.0)
 
 
 @dataclass
@@ -66,7 +67,11 @@ class FinetuneDataConfig:
     max_text_len: int = 256
     limit_train_samples: Optional[int] = None  # the first N training samples only (smoke runs)
     limit_val_samples: Optional[int] = None
+    # retrieval: pairs embedded per forward pass (gradient cache); None = the whole batch at once. The loss and
+    # the update are those of the whole batch either way: only memory and speed change.
+    micro_batch_size: Optional[int] = None
     download: bool = True  # fetch a missing dataset that can be fetched without the user (GLUE, CIFAR, Karpathy)
+    download_url: Optional[str] = None  # a mirror of the official files (CIFAR: the folder of the .tar.gz files)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from evlp.train.optim import SCHEDULES, param_groups
 
 
 class FinetuneModule(L.LightningModule):
-    def __init__(self, cfg: DictConfig, **hparams):
+    def __init__(self, cfg: DictConfig, /, **hparams):  # positional-only: `cfg=` is free for an hparam
         """``hparams``: more plain containers to keep in checkpoints, e.g. ``cfg=`` the pretraining run's config,
         which ``evlp eval`` rebuilds a fine-tuned S-SMKE student from."""
         super().__init__()

@@ -20,11 +20,13 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -97,6 +99,38 @@ class BestCheckpoint(L.Callback):
         self.best_path = Path(state["best_path"]) if state["best_path"] else None
 
 
+class RandomState(L.Callback):
+    """Carries the random state (torch, CUDA, numpy, Python) in checkpoints, so a resumed run draws the same shuffle,
+    augmentations and mixup as the uninterrupted one. A checkpoint is written after a validation, at an epoch's end;
+    the state is restored when the next epoch starts, before its data iterator draws the loader seeds."""
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # numpy's state as plain Python values: checkpoints load with weights_only=True, which refuses numpy arrays.
+        numpy_state = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        torch.set_rng_state(self._pending["torch"])
+        random.setstate(self._pending["python"])
+        kind, keys, pos, has_gauss, cached = self._pending["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if "cuda" in self._pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self._pending["cuda"])
+        self._pending = None
+
+
 def build_task(cfg: DictConfig) -> FinetuneTask:
     if cfg.task not in TASKS:
         raise EvlpError(f"task={cfg.task!r} does not exist; expected one of {', '.join(TASKS)}")
@@ -129,11 +163,14 @@ def run_finetune(cfg: DictConfig) -> dict:
     log.info(task.summary)
 
     t = cfg.trainer
+    # A module that optimises manually (retrieval's gradient cache) clips its gradients itself: Lightning refuses
+    # Trainer(gradient_clip_val=...) with manual optimisation.
+    manual = not task.module.automatic_optimization
     csv_logger = CSVLogger(run_dir / "metrics.csv")
     if resume_from is not None:
         csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"])
     best = BestCheckpoint(checkpoint_dir, task.monitor, task.mode)
-    callbacks = [best, LearningRateMonitor(logging_interval="step")]
+    callbacks = [best, RandomState(), LearningRateMonitor(logging_interval="step")]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every_n_steps, 10))))
     trainer = L.Trainer(
@@ -142,7 +179,8 @@ def run_finetune(cfg: DictConfig) -> dict:
         max_epochs=t.max_epochs, max_steps=t.max_steps,
         log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.val_every_n_epochs,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches, num_sanity_val_steps=0,
-        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=None if manual else t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=callbacks,
         logger=[csv_logger, TensorBoardLogger(save_dir=str(cfg.log_dir), name=cfg.run_name, version="")],
         enable_checkpointing=False,  # BestCheckpoint writes them (atomically, the original's names)
