@@ -353,3 +353,28 @@ def test_missing_data_and_wrong_checkpoints_are_refused_before_training(toy_run,
     with pytest.raises(EvlpError, match="data.image_size=224.*set data.image_size=32"):
         build_task(vision_cfg("cifar10", tmp_path, checkpoint, "data.image_size=224"))
     assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()
+
+
+def test_sweep_vision_runs_linear_then_full_on_each_dataset_and_writes_the_table(toy_run, imagenet_dir, cifar_server,
+                                                                                fixture_md5, tmp_path):
+    import shutil
+
+    from evlp.finetune.sweep import run_sweep
+
+    checkpoint, _ = toy_run
+    shutil.copytree(imagenet_dir / "imagenet", tmp_path / "imagenet")
+    rows, out = run_sweep("vision", [f"base_dir={tmp_path}", f"model.model_path={checkpoint}",
+                                     f"data.download_url={cifar_server[0]}", "trainer.max_steps=1",
+                                     "data.limit_val_samples=6", *TINY])
+    assert [(r["task"], r["run_name"], r["status"]) for r in rows] == [
+        ("imagenet", "imagenet_finetune_linear", "ok"), ("imagenet", "imagenet_finetune", "ok"),
+        ("cifar100", "cifar100_finetune_linear", "ok"), ("cifar100", "cifar100_finetune", "ok"),
+        ("cifar10", "cifar10_finetune_linear", "ok"), ("cifar10", "cifar10_finetune", "ok")]
+    table = (out / "summary.md").read_text().splitlines()
+    assert "| Dataset | Resolution | finetune acc@1 | lin eval acc@1 | #params |" in table
+    for task in ("imagenet", "cifar100", "cifar10"):
+        full, linear = (json.loads((tmp_path / "logs" / f"{task}_finetune{s}" / "results.json").read_text())
+                        for s in ("", "_linear"))
+        row = (f"| {task} | 32x32 | {full['headline']['acc@1']:.2f} | {linear['headline']['acc@1']:.2f} | "
+               f"{full['parameters'] / 1e6:.1f}M |")
+        assert row in table

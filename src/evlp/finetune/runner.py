@@ -71,6 +71,7 @@ class BestCheckpoint(L.Callback):
         self.best_value: float | None = None
         self.best_path: Path | None = None
         self.best_step: int | None = None
+        self.validated_step: int | None = None  # the step of the latest validation
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -79,6 +80,7 @@ class BestCheckpoint(L.Callback):
         if self.monitor not in metrics:
             raise EvlpError(f"the task never logged its monitor metric {self.monitor} (logged: "
                             f"{', '.join(sorted(metrics))})")
+        self.validated_step = trainer.global_step
         value = float(metrics[self.monitor])
         better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
         if better and value == value:  # NaN never becomes the best
@@ -191,9 +193,12 @@ def run_finetune(cfg: DictConfig) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     trainer.fit(task.module, train_dataloaders=task.train_loader, val_dataloaders=task.val_loaders,
                 ckpt_path=str(resume_from) if resume_from else None)
+    if best.validated_step != trainer.global_step and trainer.global_step > 0:
+        # Training stopped between validations (max_steps inside an epoch): validate the final weights too.
+        trainer.validate(task.module, dataloaders=task.val_loaders, verbose=False)
     if best.best_path is None:
-        raise EvlpError(f"{cfg.run_name}: no validation ran, so there is no best checkpoint; check "
-                        f"trainer.val_every_n_epochs against trainer.max_epochs")
+        raise EvlpError(f"{cfg.run_name}: no validation gave a finite {task.monitor} (the loss diverged, or nothing "
+                        f"was trained), so there is no best checkpoint; check the lr and the data")
 
     # The reported numbers are the best checkpoint's, measured again on its weights (not read from the log).
     state = load_training_checkpoint(best.best_path)["state_dict"]
