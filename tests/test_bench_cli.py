@@ -1,5 +1,5 @@
-"""`evlp bench train` end to end on a tiny config on CPU (in-process, JSON and text), `evlp bench eval` at toy size,
-and benchmarks/gpu_check.sh in its CPU flow-check mode."""
+"""`evlp bench train` end to end on a tiny config on CPU (in-process, JSON and text), `evlp bench eval` and
+`evlp bench data` (three readers) at toy size, and benchmarks/gpu_check.sh in its CPU flow-check mode."""
 
 import argparse
 import json
@@ -63,6 +63,30 @@ def test_bench_eval_times_the_ranking_and_the_score_matrix_alone(capsys):
     assert 0 < result["matmul_min_s"] <= result["matmul_median_s"] <= result["matmul_max_s"]
     assert result["gflop"] == pytest.approx(2 * 50 * 251 * 8 / 1e9)
     assert "retrieval ranking, 50 images x 251 captions, 8-d" in text and "the score matrix alone" in text
+
+
+def test_bench_data_times_the_stock_torchvision_reader_next_to_evlp(capsys):
+    parser = argparse.ArgumentParser(prog="evlp")
+    register(parser.add_subparsers(dest="command", required=True))
+    toy = ["--num-images", "16", "--batch-size", "4", "--batches", "2", "--warmup", "1", "--rounds", "2"]
+    for args in [toy + ["--json"], toy + ["--normalize-on-cpu"]]:
+        parsed = parser.parse_args(["bench", "data", *args])
+        assert parsed.handler(parsed) == 0
+    result, text = capsys.readouterr().out.split("}\n", 1)
+    result = json.loads(result + "}")
+    assert result["readers"]["stock"] == "ImageFolder + stock torchvision"
+    assert result["image_dtype"] == "uint8" and result["stock_image_dtype"] == "float32"
+    for reader in ("shards", "files", "stock"):
+        assert len(result["rounds"][reader]) == 2 and all(rate > 0 for rate in result["rounds"][reader])
+        assert result[f"{reader}_pairs_per_s"] > 0 and result["per_worker"][reader] > 0
+    ratios = result["ratios"]
+    assert ratios["shards_over_stock"] == pytest.approx(result["shards_pairs_per_s"] / result["stock_pairs_per_s"])
+    assert ratios["shards_over_files"] == pytest.approx(result["shards_pairs_per_s"] / result["files_pairs_per_s"])
+    low, high = ratios["per_round_shards_over_stock"]
+    assert 0 < low <= high
+    assert "evlp shards (ImageTextShards)" in text and "loose files, evlp transform" in text
+    assert "ImageFolder + stock torchvision" in text and "normalised on the CPU (always" in text
+    assert "float32, normalised on the CPU" in text.split("loose files, evlp transform")[1].split("\n")[0]
 
 
 def test_gpu_check_flow_on_cpu(tmp_path):

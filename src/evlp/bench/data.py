@@ -1,26 +1,34 @@
 """``evlp bench data``: pairs/s of the training input pipeline, shards vs loose files, in one run.
 
-Two readers of the same pre-resized JPEGs (shorter side 256, as the downloaders store them), each doing exactly the
-per-sample work of pretraining -- decode, ``train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4,
-normalize=False)``, tokenisation of the captions with ``TextTokenizer`` (max 64 tokens, one call per batch) -- and
-batching. As in ``evlp train``, the batches are uint8 and the normalisation is left to the device
-(``PretrainModule.on_after_batch_transfer``); ``--normalize-on-cpu`` measures float32 batches normalised in the
-reader instead.
+Three readers of the same pre-resized JPEGs (shorter side 256, as the downloaders store them), each doing the
+per-sample work of pretraining -- decode, random resized crop to 224 (scale 0.9-1, bicubic, antialiased), flip 0.5,
+colour jitter (brightness, contrast, saturation 0.4; no hue, as evlp's ``data.color_jitter: 0.4``), tokenisation of
+the captions with ``TextTokenizer`` (max 64 tokens, one call per batch) -- and batching:
 
-* **shards**: ``ImageTextShards`` in training mode (tar shards, shuffle buffer, per-sample seeding, each image
-  transformed straight into its row of the batch);
-* **files**: a plain map-style dataset over the images as loose files (one file read per image, the same transform
-  on its bytes, the caption from a ``.txt`` next to each image), batched by a ``DataLoader`` with shuffling and
-  ``default_collate``: the torchvision ``ImageFolder`` way.
+* **evlp shards (ImageTextShards)**: ``ImageTextShards`` in training mode (tar shards, shuffle buffer, per-sample
+  seeding, each image transformed by ``train_transform(224, crop_scale=(0.9, 1.0), color_jitter=0.4)`` straight
+  into its row of the batch);
+* **loose files, evlp transform**: a map-style dataset over the images as loose files (one file read per image, the
+  same evlp transform on its bytes, the caption from a ``.txt`` next to each image), batched by a ``DataLoader``
+  with shuffling and ``default_collate``: the ``ImageFolder`` layout with evlp's transform;
+* **ImageFolder + stock torchvision**: what the torchvision tutorial has one write -- the same loose files opened by
+  torchvision's default loader (``datasets.folder.pil_loader``: ``Image.open(...).convert("RGB")``), the stock
+  ``transforms.v2`` pipeline RandomResizedCrop(224, scale=(0.9, 1.0), bicubic, antialias) -> RandomHorizontalFlip
+  -> ColorJitter(0.4, 0.4, 0.4) -> ToImage -> ToDtype(float32, scale=True) -> Normalize(ImageNet mean/std) on the
+  PIL image, the same tokenisation per batch, ``default_collate``.
+
+As in ``evlp train``, the two evlp readers produce uint8 batches and leave the normalisation to the device
+(``PretrainModule.on_after_batch_transfer``); ``--normalize-on-cpu`` makes them produce float32 batches normalised
+in the reader instead. The stock reader always normalises on the CPU into float32 batches, as torchvision users do.
 
 Two ceilings are timed in the same rounds, on the same images held in memory: the JPEG decode alone
-(``torchvision.io.decode_jpeg``, the decoder the transform uses) and decode + transform without reading, batching
-or tokenising.
+(``torchvision.io.decode_jpeg``, the decoder the evlp transform uses) and decode + evlp transform without reading,
+batching or tokenising.
 
 With ``--workers 0`` (the default) everything runs in this process on one torch thread, as in a loader worker, so
 the figures are pairs/s **per loader worker**; with ``--workers N`` they are the total of N worker processes (per
 worker = total / N while N <= cores).
-The readers alternate for ``--rounds`` rounds (noise from other load hits both) and each round times ``--batches``
+The readers alternate for ``--rounds`` rounds (noise from other load hits all three) and each round times ``--batches``
 batches after ``--warmup`` untimed ones; the median over rounds is reported. Without ``--shards`` it writes
 synthetic photo-like JPEG shards (smooth colour fields plus noise, ~28 KB each, close to web photos at 256 px) to a
 temporary folder; with ``--shards`` the loose-file copy is made from the first samples of those shards.
@@ -43,12 +51,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.datasets.folder import pil_loader
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode, v2
 from webdataset.tariterators import tarfile_samples
 
 from evlp.data.shards import IMAGE_EXTENSIONS, TEXT_EXTENSIONS, ImageTextShards, expand_urls, make_loader
 from evlp.data.tokenizer import TextTokenizer, load_tokenizer
-from evlp.data.transforms import train_transform
+from evlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from evlp.errors import EvlpError
 
 CAPTION_WORDS = ("a photo of a small red car parked near the old stone bridge in the evening light with people "
@@ -118,6 +128,34 @@ class LooseFiles(Dataset):
             with Image.open(image_path) as image:
                 pixels = self.transform(image)
         return pixels, Path(text_path).read_text(encoding="utf-8").strip()
+
+
+def stock_transform(size: int = 224) -> v2.Compose:
+    """The stock torchvision v2 pipeline with the semantics of ``train_transform(size, crop_scale=(0.9, 1.0),
+    color_jitter=0.4)``: PIL image in, normalised float32 (3, size, size) out."""
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class StockImageFolder(Dataset):
+    """The torchvision-tutorial reader: torchvision's default ``pil_loader`` and a stock transform per item."""
+
+    def __init__(self, files: list[tuple[str, str]], transform):
+        self.files = files
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        image_path, text_path = self.files[i]
+        return self.transform(pil_loader(image_path)), Path(text_path).read_text(encoding="utf-8").strip()
 
 
 class _Collate:
@@ -191,8 +229,10 @@ def run_data_bench(
         shard_set = ImageTextShards(urls, text_tokenizer, transform, batch_size, train=True, seed=0,
                                     num_samples=len(files))
         file_set = LooseFiles(files, transform)
+        stock_set = StockImageFolder(files, stock_transform(224))
+        collate = _Collate(text_tokenizer)
         in_memory = [Path(image).read_bytes() for image, _ in files[:needed]]
-        results = {"shards": [], "files": [], "decode_only": [], "decode_transform": []}
+        results = {"shards": [], "files": [], "stock": [], "decode_only": [], "decode_transform": []}
         threads = torch.get_num_threads()
         if workers == 0:
             torch.set_num_threads(1)  # what a DataLoader worker process gets: the figures are per worker
@@ -200,10 +240,11 @@ def run_data_bench(
             for r in range(rounds):
                 shard_set.configure(epoch=r)
                 results["shards"].append(_time(make_loader(shard_set, workers), warmup, batches))
-                torch.manual_seed(r)
-                loader = DataLoader(file_set, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                    collate_fn=_Collate(text_tokenizer), drop_last=True)
-                results["files"].append(_time(loader, warmup, batches))
+                for name, dataset in (("files", file_set), ("stock", stock_set)):
+                    torch.manual_seed(r)
+                    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                        collate_fn=collate, drop_last=True)
+                    results[name].append(_time(loader, warmup, batches))
                 with torch.random.fork_rng():  # one thread, in this process: per core whatever --workers says
                     torch.set_num_threads(1)
                     count = batch_size * batches
@@ -213,15 +254,25 @@ def run_data_bench(
         finally:
             torch.set_num_threads(threads)
     shard_rate, file_rate = statistics.median(results["shards"]), statistics.median(results["files"])
+    stock_rate = statistics.median(results["stock"])
     return dict(
         shards_pairs_per_s=shard_rate,
         files_pairs_per_s=file_rate,
+        stock_pairs_per_s=stock_rate,
+        readers=dict(shards="evlp shards (ImageTextShards)", files="loose files, evlp transform",
+                     stock="ImageFolder + stock torchvision"),
+        # ratios of the medians, and the range of the per-round ratios (the readers alternate within a round)
+        ratios=dict(shards_over_files=shard_rate / file_rate, shards_over_stock=shard_rate / stock_rate,
+                    per_round_shards_over_files=_ratio_range(results["shards"], results["files"]),
+                    per_round_shards_over_stock=_ratio_range(results["shards"], results["stock"])),
         decode_only_pairs_per_s=statistics.median(results["decode_only"]),
         decode_transform_pairs_per_s=statistics.median(results["decode_transform"]),
         rounds=results,
         workers=workers,
         image_dtype="float32" if normalize_on_cpu else "uint8",
-        per_worker=dict(shards=shard_rate / max(workers, 1), files=file_rate / max(workers, 1)),
+        stock_image_dtype="float32",  # always normalised on the CPU, as torchvision users do
+        per_worker=dict(shards=shard_rate / max(workers, 1), files=file_rate / max(workers, 1),
+                        stock=stock_rate / max(workers, 1)),
         batch_size=batch_size,
         batches=batches,
         warmup=warmup,
@@ -233,6 +284,11 @@ def run_data_bench(
         cpu=_cpu_model(),
         date=time.strftime("%Y-%m-%d"),
     )
+
+
+def _ratio_range(a: list[float], b: list[float]) -> tuple[float, float]:
+    ratios = [x / y for x, y in zip(a, b)]
+    return min(ratios), max(ratios)
 
 
 def _decode(data: bytes) -> torch.Tensor:
@@ -258,21 +314,32 @@ def _cpu_model() -> str:
 
 def format_data_result(r: dict) -> str:
     who = "per loader worker (in-process)" if r["workers"] == 0 else f"total of {r['workers']} workers"
+    evlp_batches = ("uint8, normalised on the device" if r["image_dtype"] == "uint8"
+                    else "float32, normalised on the CPU")
+    ratios = r["ratios"]
     lines = [
         f"evlp bench data: {r['images']} images ({r['mean_image_bytes'] / 1000:.1f} KB mean JPEG) from {r['source']}, "
         f"batch {r['batch_size']}, {r['batches']} timed batches after {r['warmup']}, {len(r['rounds']['shards'])} "
-        f"rounds, tokenizer {r['tokenizer']}, {r['image_dtype']} batches",
+        f"rounds, tokenizer {r['tokenizer']}",
         f"machine: {r['cpu']} ({r['machine']}), {r['date']}",
-        f"pairs/s {who}:",
-        f"  shards (ImageTextShards)        {r['shards_pairs_per_s']:8.1f}",
-        f"  loose files (map-style)         {r['files_pairs_per_s']:8.1f}",
-        f"  shards / files                  {r['shards_pairs_per_s'] / r['files_pairs_per_s']:8.2f}",
+        f"pairs/s {who}, median over rounds:",
+        f"  evlp shards (ImageTextShards)      {r['shards_pairs_per_s']:8.1f}   {evlp_batches}",
+        f"  loose files, evlp transform        {r['files_pairs_per_s']:8.1f}   {evlp_batches}",
+        f"  ImageFolder + stock torchvision    {r['stock_pairs_per_s']:8.1f}   float32, normalised on the CPU "
+        "(always, as torchvision users do)",
+        "evlp shards / ... (ratio of medians; per-round range):",
+        f"  / loose files, evlp transform      {ratios['shards_over_files']:8.2f}   "
+        f"({ratios['per_round_shards_over_files'][0]:.2f}-{ratios['per_round_shards_over_files'][1]:.2f})",
+        f"  / ImageFolder + stock torchvision  {ratios['shards_over_stock']:8.2f}   "
+        f"({ratios['per_round_shards_over_stock'][0]:.2f}-{ratios['per_round_shards_over_stock'][1]:.2f})",
         "ceilings, one thread, images in memory:",
-        f"  JPEG decode alone               {r['decode_only_pairs_per_s']:8.1f}",
-        f"  decode + train transform        {r['decode_transform_pairs_per_s']:8.1f}",
+        f"  JPEG decode alone                  {r['decode_only_pairs_per_s']:8.1f}",
+        f"  decode + evlp train transform      {r['decode_transform_pairs_per_s']:8.1f}",
     ]
     if r["workers"]:
-        lines.append(f"per worker: shards {r['per_worker']['shards']:.1f}, files {r['per_worker']['files']:.1f}")
+        w = r["per_worker"]
+        lines.append(f"per worker: evlp shards {w['shards']:.1f}, loose files + evlp transform {w['files']:.1f}, "
+                     f"ImageFolder + stock torchvision {w['stock']:.1f}")
     return "\n".join(lines)
 
 
@@ -287,10 +354,13 @@ def cmd_bench_data(args) -> int:
 def register_data(bench_subparsers) -> None:
     """Add ``data`` to the ``evlp bench`` sub-commands."""
     p = bench_subparsers.add_parser(
-        "data", help="pairs/s of the input pipeline: JPEG shards vs loose files, same transforms",
+        "data", help="pairs/s of the input pipeline: JPEG shards vs loose files (evlp and stock torchvision "
+                     "transforms)",
         description="Pairs/s of one loader worker (or of --workers processes) reading 256-px JPEG shards with the "
-                    "pretraining transforms and tokenisation, next to a map-style reader of the same images as loose "
-                    "files. Synthetic shards are generated in a temporary folder unless --shards is given.",
+                    "pretraining transforms and tokenisation, next to two map-style readers of the same images as "
+                    "loose files: one with the same evlp transform, one torchvision-ImageFolder-style with the stock "
+                    "torchvision v2 transforms (PIL loader, always normalised on the CPU). Synthetic shards are "
+                    "generated in a temporary folder unless --shards is given.",
     )
     p.add_argument("--shards", default=None, help="shards to read (folder or brace pattern; default: synthetic ones)")
     p.add_argument("--num-images", type=int, default=2048, help="images used (default 2048)")
@@ -303,7 +373,8 @@ def register_data(bench_subparsers) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or cached hub name, e.g. bert-base-uncased "
                                                      "(default: the quickstart vocabulary, needs nothing)")
     p.add_argument("--normalize-on-cpu", action="store_true",
-                   help="float32 batches normalised in the reader (default: uint8, normalised on the device as "
-                        "evlp train does)")
+                   help="float32 batches normalised in the reader for the two evlp readers (default: uint8, "
+                        "normalised on the device as evlp train does); the stock torchvision reader always "
+                        "normalises on the CPU")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_bench_data)

@@ -83,8 +83,8 @@ def read_student_checkpoint(path: str | Path) -> StudentCheckpoint:
     missing = [p for p in REQUIRED_PARTS if not any(k.startswith(p) for k in keys)]
     if missing:
         raise EvlpError(f"{path} holds no S-SMKE student (no {', '.join(p + '*' for p in missing)} weights; its "
-                        f"keys are {_describe_keys(keys)}): a fine-tuned text or image model cannot run image-text "
-                        f"evaluation; {expected}")
+                        f"keys are {_describe_keys(keys)}): a GLUE or image-classification fine-tuning checkpoint holds one "
+                        f"tower and a classifier, not the student; {expected}")
     raw_cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if not isinstance(raw_cfg, dict):
         raise EvlpError(f"{path} has no run config (hyper_parameters['cfg']) to rebuild the model from; {expected}")
