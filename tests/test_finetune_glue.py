@@ -317,3 +317,45 @@ def test_sweep_glue_writes_nine_rows_and_goes_on_past_missing_data(toy_run, glue
     assert "| MRPC | F1 |" in table and "| STSB | Spearman |" in table and "| COLA | MCC |" in table
     assert "| MNLI | Accuracy |" in table and "fine_tuning/qnli" in table and "not found" in table
     assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Using the fine-tuned classifier
+
+
+@pytest.mark.parametrize("config", ["mrpc", "stsb"])
+def test_load_text_classifier_needs_only_the_fine_tuning_checkpoint(toy_run, glue_root, tmp_path, monkeypatch,
+                                                                    config):
+    checkpoint, _ = toy_run
+    source = tmp_path / "pretrained.ckpt"
+    shutil.copy(checkpoint, source)
+    cfg = load_config(f"fine_tuning/{config}", overrides(tmp_path, source, glue_root))
+    best = run_finetune(cfg)["best"]["checkpoint"]
+    task = glue.build_task(cfg)  # the training module, with the best weights
+    task.module.load_state_dict(torch.load(best, weights_only=True)["state_dict"], strict=True)
+    task.module.eval()
+    batch = next(iter(task.val_loaders))
+    with torch.no_grad():
+        expected = task.module(batch)
+
+    source.unlink()  # neither the pretraining checkpoint nor its loader is used
+    monkeypatch.setattr(glue, "load_pretrained", lambda *a, **k: pytest.fail("read the pretraining checkpoint"))
+    model, encode, info = glue.load_text_classifier(best)
+    assert not model.training
+    assert info["task"] == config and info["max_len"] == 32 and info["num_classes"] == (1 if config == "stsb" else 2)
+    assert info["labels"] == (None if config == "stsb" else ["not_equivalent", "equivalent"])
+    rows = datasets.load_from_disk(str(glue_root / "glue" / config))["validation"]
+    n = len(batch["labels"])
+    inputs = encode(rows["sentence1"][:n], rows["sentence2"][:n])
+    for key in ("token_ids", "padding_mask", "token_type_ids"):
+        assert torch.equal(inputs[key], batch[key])
+    with torch.no_grad():
+        logits = model(**inputs)
+        single = model(**encode(rows["sentence1"][0], rows["sentence2"][0]))
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(single, expected[:1], atol=1e-5, rtol=1e-5)  # unpadded: same up to float order
+    with pytest.raises(EvlpError, match="takes sentence pairs"):
+        encode("one sentence")
+
+    with pytest.raises(EvlpError, match="is not an evlp GLUE fine-tuning checkpoint"):
+        glue.load_text_classifier(checkpoint)

@@ -15,6 +15,20 @@ Data: ``<data_path>/glue/<task>`` as ``evlp download glue`` writes it (the hub's
 (MNLI: ``validation_matched`` and ``validation_mismatched``, logged as ``val/matched_*`` and ``val/mismatched_*``).
 Test labels are hidden on GLUE (-1) and never evaluated. Metrics are computed once over the whole validation set,
 after gathering every process's predictions (``evlp.eval.glue_metrics``).
+
+Using the fine-tuned classifier. The best checkpoint (``<model_path>/<run_name>/model-{step}-{val_loss}-val.ckpt``)
+holds the classifier's weights under ``model.*``, and under ``hyper_parameters`` the pretraining run's config
+(``cfg``) and the task (``glue``), so it is rebuilt without the pretraining checkpoint or the data, read with
+``weights_only=True`` and loaded strictly::
+
+    from evlp.finetune.glue import load_text_classifier
+
+    model, encode, info = load_text_classifier("models/glue_mrpc/model-230-0.4123-val.ckpt")  # eval mode, on CPU
+    logits = model(**encode("The cat sat.", "A cat was sitting."))  # (1, 2); lists of sentences give a batch
+    print(info["labels"][int(logits.argmax(-1))])  # 'equivalent' / 'not_equivalent'; STS-B: logits[:, 0] is 0..5
+
+``encode(first, second=None)`` tokenises as training did (the run's tokenizer, segment ids, longest-first
+truncation to ``info["max_len"]``); ``encode.tokenizer`` is the Hugging Face tokenizer itself.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,6 +52,7 @@ from evlp.eval.glue_metrics import DEFINITIONS, DISPLAY_NAMES, TASK_METRICS, glu
 from evlp.finetune.module import FinetuneModule
 from evlp.finetune.runner import FinetuneTask
 from evlp.finetune.source import load_pretrained
+from evlp.models.build import build_text_tower
 from evlp.models.heads import TextClassifier
 
 log = logging.getLogger("evlp")
@@ -68,6 +83,14 @@ SPECS = {
     "qnli": GlueSpec(("question", "sentence"), 2),
     "rte": GlueSpec(("sentence1", "sentence2"), 2),
     "wnli": GlueSpec(("sentence1", "sentence2"), 2),
+}
+
+# What each class id means (the hub's ClassLabel names); STS-B is a similarity score from 0 to 5.
+LABEL_NAMES = {
+    "cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment"), "stsb": None,
 }
 
 
@@ -241,7 +264,7 @@ def pretrained_pooler(run_cfg: DictConfig | None, width: int) -> tuple[nn.Module
 class GlueModule(FinetuneModule):
     """Trains a :class:`TextClassifier`; validation gathers every prediction and scores the whole set once."""
 
-    def __init__(self, cfg: DictConfig, model: TextClassifier, val_prefixes: list[str], **hparams):
+    def __init__(self, cfg: DictConfig, model: TextClassifier, val_prefixes: list[str], /, **hparams):
         super().__init__(cfg, **hparams)
         self.model = model
         self.task = cfg.task
@@ -345,10 +368,14 @@ def build_task(cfg: DictConfig) -> FinetuneTask:
     first_prefix = spec.val_splits[0][1]
     monitor = f"val/{first_prefix}{metrics[0]}"
     prefixes = [prefix for _, prefix in spec.val_splits]
-    module = GlueModule(cfg, model, prefixes, glue={
+    # The pretraining run's config and the head count (the one size the weights do not show) let
+    # load_text_classifier rebuild the classifier from this module's checkpoints alone.
+    module = GlueModule(cfg, model, prefixes, cfg=OmegaConf.to_container(parts.run_cfg, resolve=True), glue={
         "task": task, "num_classes": spec.num_classes, "max_len": max_len,
         "source": str(cfg.model.model_path), "tokenizer": str(hf_tokenizer.name_or_path),
-        "pooler": "pretrained" if pooler is not None else "fresh"})
+        "pooler": "pretrained" if pooler is not None else "fresh",
+        "num_heads": int(getattr(encoder.config, "num_attention_heads", 0) or 0),
+        "dropout": float(cfg.model.dropout)})
 
     head = f"Linear({width}→{spec.num_classes})"
     summary = f"{parts.summary}; {pooler_note}; head: dropout {cfg.model.dropout}, {head}"
@@ -369,3 +396,91 @@ def build_task(cfg: DictConfig) -> FinetuneTask:
         monitor=monitor, headline={DISPLAY_NAMES[metrics[0]]: monitor}, summary=summary, protocol=protocol,
         mode="max",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Using the fine-tuned classifier
+
+
+class GlueEncoder:
+    """``encode(first, second=None)``: a sentence (pair), or lists of them, as the model's inputs
+    (``token_ids``, ``padding_mask``, ``token_type_ids``), tokenised as in training (:class:`GlueCollate`)."""
+
+    def __init__(self, tokenizer, max_len: int, task: str, device: torch.device | str = "cpu"):
+        self.tokenizer, self.max_len, self.task, self.device = tokenizer, max_len, task, device
+        self._collate = GlueCollate(tokenizer, max_len, regression=False)
+
+    def __call__(self, first: str | list[str], second: str | list[str] | None = None) -> dict[str, torch.Tensor]:
+        pair = len(SPECS[self.task].columns) == 2
+        if pair != (second is not None):
+            raise EvlpError(f"GLUE {self.task} takes {'sentence pairs' if pair else 'single sentences'}; "
+                            f"call encode({'first, second' if pair else 'sentence'})")
+        columns = [first] if second is None else [first, second]
+        columns = [[c] if isinstance(c, str) else list(c) for c in columns]
+        if len({len(c) for c in columns}) != 1:
+            raise EvlpError(f"encode: {len(columns[0])} first sentences but {len(columns[1])} second ones")
+        batch = self._collate([(i, texts, 0) for i, texts in enumerate(zip(*columns))])
+        return {k: batch[k].to(self.device) for k in ("token_ids", "padding_mask", "token_type_ids")}
+
+
+def load_text_classifier(path: str | Path, device: torch.device | str = "cpu"):
+    """``(classifier in eval mode on device, encode, info)`` from a GLUE fine-tuning checkpoint alone (read with
+    ``weights_only=True``, loaded strictly; neither the pretraining checkpoint nor the data is read). ``encode`` is a
+    :class:`GlueEncoder`; ``info`` holds ``task``, ``num_classes``, ``regression``, ``max_len``, ``labels`` (the
+    class names, None for STS-B's 0-5 score), ``source`` (the pretraining checkpoint) and ``tokenizer``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from evlp.config import RunConfig
+    from evlp.eval.checkpoint import TEXT_EMBEDDINGS, StudentCheckpoint, _hf_tokenizer, _layer_count
+    from evlp.train.checkpoint import load_training_checkpoint
+
+    path = Path(path)
+    ckpt = load_training_checkpoint(path)
+    hparams = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+    glue, run_cfg = hparams.get("glue"), hparams.get("cfg")
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    expected = "expected the best checkpoint of `evlp finetune --config fine_tuning/<glue task>`"
+    if not isinstance(glue, dict) or not isinstance(state, dict) or glue.get("task") not in SPECS:
+        raise EvlpError(f"{path} is not an evlp GLUE fine-tuning checkpoint (no hyper_parameters['glue']); {expected}")
+    if not isinstance(run_cfg, dict) or not glue.get("num_heads"):
+        raise EvlpError(f"{path}: a GLUE checkpoint written before evlp kept the pretraining run's config in it; "
+                        f"rebuild it with glue.build_task(cfg).module.load_state_dict, or fine-tune again")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), run_cfg)
+    except OmegaConfBaseException as e:
+        raise EvlpError(f"{path}: its pretraining config does not fit this evlp version's schema "
+                        f"({_first_line(e)})") from None
+    task = glue["task"]
+    hf_tokenizer = _hf_tokenizer(StudentCheckpoint(path, cfg, {}, None, []))
+    # The tower is rebuilt as the S-SMKE student is (evlp.eval.checkpoint), its sizes read off the weights.
+    tower_state = {"text_tower." + k[len("model.tower."):]: v for k, v in state.items()
+                   if k.startswith("model.tower.")}
+    text = OmegaConf.create(OmegaConf.to_container(cfg.model.text_tower))
+    if text.kind == "bert":
+        words = TEXT_EMBEDDINGS + "word_embeddings.weight"
+        if words not in tower_state:
+            raise EvlpError(f"{path}: no BERT text tower weights (model.tower.bert.*); {expected}")
+        vocab_rows = tower_state[words].shape[0]
+        if len(hf_tokenizer) != vocab_rows:
+            raise EvlpError(f"{path}: the tokenizer {hf_tokenizer.name_or_path} has {len(hf_tokenizer):,} tokens but "
+                            f"the text tower has {vocab_rows:,} embedding rows")
+        text.max_positions, text.width = tower_state[TEXT_EMBEDDINGS + "position_embeddings.weight"].shape
+        text.depth = _layer_count(tower_state, "text_tower.bert.encoder.layer.")
+        text.num_heads = int(glue["num_heads"])
+    elif text.kind != "hf":
+        raise EvlpError(f"{path}: text tower kind {text.kind!r} is not supported; expected 'bert' or 'hf'")
+    tower = build_text_tower(text, hf_tokenizer, load_weights=False)  # hf: from its config file, no weights
+    model = TextClassifier(tower, int(glue["num_classes"]), dropout=float(glue.get("dropout", 0.1)))
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise EvlpError(f"{path}: the weights do not fit the classifier its config describes: {detail[:400]}") from None
+    model.to(device).eval()
+    info = {"task": task, "num_classes": model.num_classes, "regression": model.num_classes == 1,
+            "max_len": int(glue["max_len"]), "labels": list(LABEL_NAMES[task]) if LABEL_NAMES[task] else None,
+            "source": glue.get("source"), "tokenizer": glue.get("tokenizer")}
+    if info["regression"]:
+        info["score_range"] = (0.0, 5.0)
+    return model, GlueEncoder(hf_tokenizer, info["max_len"], task, device), info
