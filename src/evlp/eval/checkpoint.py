@@ -136,6 +136,18 @@ def _hf_tokenizer(ckpt: StudentCheckpoint):
         return load_tokenizer(write_vocab(tmp))
 
 
+def fit_bert_sizes(text: DictConfig, state: dict, hf_tokenizer, path) -> None:
+    """Set a ``bert`` text tower config's positions, width and depth from its weights (``state`` keyed
+    ``text_tower.*``), after checking that the tokenizer fits its vocabulary."""
+    vocab_rows, _ = state[TEXT_EMBEDDINGS + "word_embeddings.weight"].shape
+    if len(hf_tokenizer) != vocab_rows:
+        raise EvlpError(f"{path}: the tokenizer {hf_tokenizer.name_or_path} has {len(hf_tokenizer):,} tokens but the "
+                        f"checkpoint's text tower has {vocab_rows:,} embedding rows; set the run's "
+                        f"model.text_tower.tokenizer to the one it was trained with")
+    text.max_positions, text.width = state[TEXT_EMBEDDINGS + "position_embeddings.weight"].shape
+    text.depth = _layer_count(state, "text_tower.bert.encoder.layer.")
+
+
 def build_from_checkpoint(ckpt: StudentCheckpoint, device: torch.device | str = "cpu"):
     """``(student in eval mode on device, TextTokenizer, image_size)`` from a checkpoint read with
     :func:`read_student_checkpoint`."""
@@ -152,13 +164,7 @@ def build_from_checkpoint(ckpt: StudentCheckpoint, device: torch.device | str = 
         image.width, image.patch_size, image.img_size = width, patch, grid * patch
         image.depth = _layer_count(state, "image_tower.blocks.")
     if text.kind == "bert":
-        vocab_rows, _ = state[TEXT_EMBEDDINGS + "word_embeddings.weight"].shape
-        if len(hf_tokenizer) != vocab_rows:
-            raise EvlpError(f"{ckpt.path}: the tokenizer {hf_tokenizer.name_or_path} has {len(hf_tokenizer):,} "
-                            f"tokens but the checkpoint's text tower has {vocab_rows:,} embedding rows; set the run's "
-                            f"model.text_tower.tokenizer to the one it was trained with")
-        text.max_positions, text.width = state[TEXT_EMBEDDINGS + "position_embeddings.weight"].shape
-        text.depth = _layer_count(state, "text_tower.bert.encoder.layer.")
+        fit_bert_sizes(text, state, hf_tokenizer, ckpt.path)
         if text.path is not None:
             text.num_heads = _pretrained_text_heads(text.path)
     student: SSMKE = build_student(model_cfg, kd_dim=ckpt.kd_dim, tokenizer=hf_tokenizer, load_weights=False)

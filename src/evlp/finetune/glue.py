@@ -431,7 +431,7 @@ def load_text_classifier(path: str | Path, device: torch.device | str = "cpu"):
     from omegaconf.errors import OmegaConfBaseException
 
     from evlp.config import RunConfig
-    from evlp.eval.checkpoint import TEXT_EMBEDDINGS, StudentCheckpoint, _hf_tokenizer, _layer_count
+    from evlp.eval.checkpoint import TEXT_EMBEDDINGS, StudentCheckpoint, _hf_tokenizer, fit_bert_sizes
     from evlp.train.checkpoint import load_training_checkpoint
 
     path = Path(path)
@@ -460,12 +460,7 @@ def load_text_classifier(path: str | Path, device: torch.device | str = "cpu"):
         words = TEXT_EMBEDDINGS + "word_embeddings.weight"
         if words not in tower_state:
             raise EvlpError(f"{path}: no BERT text tower weights (model.tower.bert.*); {expected}")
-        vocab_rows = tower_state[words].shape[0]
-        if len(hf_tokenizer) != vocab_rows:
-            raise EvlpError(f"{path}: the tokenizer {hf_tokenizer.name_or_path} has {len(hf_tokenizer):,} tokens but "
-                            f"the text tower has {vocab_rows:,} embedding rows")
-        text.max_positions, text.width = tower_state[TEXT_EMBEDDINGS + "position_embeddings.weight"].shape
-        text.depth = _layer_count(tower_state, "text_tower.bert.encoder.layer.")
+        fit_bert_sizes(text, tower_state, hf_tokenizer, path)
         text.num_heads = int(glue["num_heads"])
     elif text.kind != "hf":
         raise EvlpError(f"{path}: text tower kind {text.kind!r} is not supported; expected 'bert' or 'hf'")
