@@ -24,9 +24,10 @@ from evlp.data import classification
 from evlp.data.classification import CIFAR, NumpyUnpickler, load_cifar, make_cifar_tarball
 from evlp.errors import EvlpError
 from evlp.eval.datasets import imagenet_synsets
+from evlp.finetune.module import first_of_each
 from evlp.finetune.runner import run_finetune
 from evlp.finetune.source import load_pretrained
-from evlp.finetune.vision import (VisionModule, _first_of_each, build_task, eval_transform, load_classifier,
+from evlp.finetune.vision import (VisionModule, build_task, eval_transform, load_classifier,
                                   soft_target_cross_entropy, topk_hits)
 from evlp.models.heads import ImageClassifier
 from evlp.models.image import Data2Vec2ImageTower
@@ -263,7 +264,7 @@ def test_topk_counts_each_sample_once_and_match_sklearn():
     logits, labels = torch.randn(50, 10), torch.randint(0, 10, (50,))
     # A DistributedSampler on 3 ranks pads 50 samples to 51 by repeating sample 0.
     index = torch.cat([torch.arange(50), torch.tensor([0])])
-    keep = _first_of_each(index)
+    keep = first_of_each(index)
     hits = topk_hits(logits[index], labels[index])
     for k in (1, 5):
         ours = hits[k][keep].float().mean().item()

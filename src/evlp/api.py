@@ -266,6 +266,7 @@ def _build_and_load(model_config: dict, kd_dim: int, state: dict, tokenizer: Tex
 
     from evlp.config import ModelConfig
     from evlp.models.build import build_student
+    from evlp.pretrained.towers import load_exact
 
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_config)
@@ -273,9 +274,5 @@ def _build_and_load(model_config: dict, kd_dim: int, state: dict, tokenizer: Tex
         reason = str(e).splitlines()[0]
         raise EvlpError(f"{where}: its model config does not fit this evlp version ({reason})") from None
     model = build_student(cfg, kd_dim=kd_dim, tokenizer=tokenizer.tokenizer, load_weights=False)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-        raise EvlpError(f"{where}: the weights do not fit the model its config describes: "
-                        f"{' '.join(str(e).split())[:400]}") from None
+    load_exact(model, state, f"{where} (the model its config describes)")
     return model.eval()

@@ -196,9 +196,7 @@ def write_caption_shards(
             source=f"{annotations.name} {split}",
             images=len(chosen),
             pairs=num_pairs,
-            image_size=image_options.size,
-            min_size=image_options.min_size,
-            quality=image_options.quality,
+            **image_options.params(),
         )
         folder_path = annotations.parent / "shards" / split
         with ShardFolder(folder_path, shard_size, params, info=dict(dataset=name, split=split)) as folder:

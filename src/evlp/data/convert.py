@@ -66,9 +66,7 @@ def convert(
         source=f"convert {source.resolve()}",
         **columns,
         rows=num_rows,
-        image_size=image_options.size,
-        min_size=image_options.min_size,
-        quality=image_options.quality,
+        **image_options.params(),
     )
     with ShardFolder(out, shard_size, params, info=dict(input=str(source.resolve()))) as folder:
         return build_shards(

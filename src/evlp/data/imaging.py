@@ -41,6 +41,10 @@ class ImageOptions:
         if self.size < 0 or self.min_size < 1 or not 1 <= self.quality <= 100 or self.max_pixels < 1:
             raise ValueError(f"invalid image options {self}")
 
+    def params(self) -> dict:
+        """What a shard folder records of these options, so that a rerun with other options does not reuse it."""
+        return dict(image_size=self.size, min_size=self.min_size, quality=self.quality)
+
 
 @dataclass(frozen=True)
 class PreparedImage:

@@ -78,9 +78,7 @@ def download_web(
     params = dict(
         source=f"{name} web index",
         index_rows=num_rows,
-        image_size=image_options.size,
-        min_size=image_options.min_size,
-        quality=image_options.quality,
+        **image_options.params(),
     )
     limit = num_rows if max_rows is None else min(num_rows, math.ceil(max_rows / shard_size) * shard_size)
     info = dict(dataset=name, index=str(index_path.resolve()))

@@ -26,6 +26,7 @@ from evlp.data.tokenizer import TextTokenizer, load_tokenizer
 from evlp.errors import EvlpError
 from evlp.models.build import build_student
 from evlp.models.s_smke import SSMKE
+from evlp.pretrained.towers import load_exact
 from evlp.train.checkpoint import load_training_checkpoint
 
 STUDENT_PREFIX = "student."
@@ -168,11 +169,7 @@ def build_from_checkpoint(ckpt: StudentCheckpoint, device: torch.device | str = 
         if text.path is not None:
             text.num_heads = _pretrained_text_heads(text.path)
     student: SSMKE = build_student(model_cfg, kd_dim=ckpt.kd_dim, tokenizer=hf_tokenizer, load_weights=False)
-    try:
-        student.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise EvlpError(f"{ckpt.path}: the weights do not fit the model its config describes: {detail[:400]}") from None
+    load_exact(student, state, f"{ckpt.path} (the model its config describes)")
     student.to(device).eval()
     tokenizer = TextTokenizer(hf_tokenizer, max_len=ckpt.max_text_len)
     return student, tokenizer, int(image.img_size)

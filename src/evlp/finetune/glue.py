@@ -54,6 +54,7 @@ from evlp.finetune.runner import FinetuneTask
 from evlp.finetune.source import load_pretrained
 from evlp.models.build import build_text_tower
 from evlp.models.heads import TextClassifier
+from evlp.pretrained.towers import load_exact
 
 log = logging.getLogger("evlp")
 
@@ -297,11 +298,7 @@ class GlueModule(FinetuneModule):
         for outputs, prefix in zip(self._outputs, self.val_prefixes):
             if not outputs:
                 continue
-            index, logits, labels = (self.gather_outputs(torch.cat(parts)) for parts in zip(*outputs))
-            # A DistributedSampler repeats samples to even out the ranks: score each sample once.
-            _, first = np.unique(index.cpu().numpy(), return_index=True)
-            keep = torch.as_tensor(first, device=logits.device)
-            logits, labels = logits[keep], labels[keep]
+            _, logits, labels = self.gather_samples(*(torch.cat(parts) for parts in zip(*outputs)))
             loss = float(self.per_sample_loss(logits, labels).mean())
             predictions = logits.view(-1) if self.regression else logits.argmax(dim=-1)
             values = {f"{prefix}loss": loss, **{f"{prefix}{k}": v for k, v in glue_metrics(
@@ -467,11 +464,7 @@ def load_text_classifier(path: str | Path, device: torch.device | str = "cpu"):
     tower = build_text_tower(text, hf_tokenizer, load_weights=False)  # hf: from its config file, no weights
     model = TextClassifier(tower, int(glue["num_classes"]), dropout=float(glue.get("dropout", 0.1)))
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise EvlpError(f"{path}: the weights do not fit the classifier its config describes: {detail[:400]}") from None
+    load_exact(model, weights, f"{path} (the classifier its config describes)")
     model.to(device).eval()
     info = {"task": task, "num_classes": model.num_classes, "regression": model.num_classes == 1,
             "max_len": int(glue["max_len"]), "labels": list(LABEL_NAMES[task]) if LABEL_NAMES[task] else None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from evlp.train.optim import SCHEDULES, param_groups
 
@@ -45,14 +44,24 @@ class FinetuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
     def gather_outputs(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate a per-process tensor of validation outputs over all processes (rows in rank order), so
-        corpus-level metrics see the whole set. A DistributedSampler pads the last ranks with repeated samples:
-        modules drop those rows by the sample indices they gather alongside."""
+        """Concatenate a per-process tensor of validation outputs over all processes (rows in rank order)."""
         if self.trainer is None or self.trainer.world_size == 1:
             return tensor
         gathered = self.all_gather(tensor)  # (W, N, ...)
         return gathered.flatten(0, 1)
 
+    def gather_samples(self, index: torch.Tensor, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-sample validation outputs of every process, each sample once, in sample-index order:
+        ``(index, *outputs)``, so corpus-level metrics see the whole set exactly once."""
+        index = self.gather_outputs(index)
+        rows = first_of_each(index)
+        return (index[rows], *(self.gather_outputs(t)[rows] for t in outputs))
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+
+def first_of_each(index: torch.Tensor) -> torch.Tensor:
+    """Rows that keep the first occurrence of each sample index, in index order: a DistributedSampler pads the last
+    ranks with repeated samples, which must not count twice."""
+    order = torch.argsort(index, stable=True)
+    keep = torch.ones_like(order, dtype=torch.bool)
+    keep[1:] = index[order][1:] != index[order][:-1]
+    return order[keep]

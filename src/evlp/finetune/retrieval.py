@@ -335,14 +335,9 @@ class RetrievalModule(FinetuneModule):
         self._val_rows.append(torch.tensor([m["index"] for m in batch["meta"]], device=self.device))
 
     def on_validation_epoch_end(self) -> None:
-        rows = self.gather_outputs(torch.cat(self._val_rows)).tolist()
-        images = self.gather_outputs(torch.cat(self._val_images))
+        rows, images = self.gather_samples(torch.cat(self._val_rows), torch.cat(self._val_images))
         self._val_rows, self._val_images = [], []
-        first: dict[int, int] = {}  # split row -> first position (a DistributedSampler repeats a few rows)
-        for position, row in enumerate(rows):
-            first.setdefault(row, position)
-        seen = sorted(first)  # all rows, unless trainer.limit_val_batches cut the split
-        images = images[[first[r] for r in seen]]
+        seen = rows.tolist()  # all rows, unless trainer.limit_val_batches cut the split
         split = self.val_split.subset(seen)
         texts = embed_texts(self.student, self.tokenizer, split.captions, device=self.device,
                             batch_size=self.cfg.data.eval_batch_size, progress=False).to(self.device)

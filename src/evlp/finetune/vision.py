@@ -48,6 +48,7 @@ from evlp.finetune.module import FinetuneModule
 from evlp.finetune.runner import FinetuneTask
 from evlp.models.heads import ImageClassifier
 from evlp.models.image import Data2Vec2ImageTower
+from evlp.pretrained.towers import load_exact
 from evlp.train.optim import layer_decay_groups
 
 STANDARD_SIZES = {"imagenet": (1_281_167, 50_000), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
@@ -94,14 +95,6 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=TOP_K) -> dict[int,
     """``{k: (N,) bool}``: whether each sample's label is among its ``k`` highest logits (all classes when fewer)."""
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     return {k: (top[:, :k] == labels[:, None]).any(dim=-1) for k in ks}
-
-
-def _first_of_each(index: torch.Tensor) -> torch.Tensor:
-    """Rows to keep so that each sample index counts once (a DistributedSampler repeats samples to even out ranks)."""
-    order = torch.argsort(index, stable=True)
-    keep = torch.ones_like(order, dtype=torch.bool)
-    keep[1:] = index[order][1:] != index[order][:-1]
-    return order[keep]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,14 +161,13 @@ class VisionModule(FinetuneModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        index, loss, top1, top5 = (self.gather_outputs(torch.cat(parts)) for parts in zip(*self._val))
+        _, loss, top1, top5 = self.gather_samples(*(torch.cat(parts) for parts in zip(*self._val)))
         self._val = []
-        keep = _first_of_each(index)
-        n = len(keep)
+        n = len(loss)
         # Every process holds the whole set now, so each logs the same numbers: nothing left to reduce.
-        self.log("val/loss", loss[keep].mean(), sync_dist=False)
-        self.log("val/top1", 100.0 * top1[keep].sum() / n, sync_dist=False)
-        self.log("val/top5", 100.0 * top5[keep].sum() / n, sync_dist=False)
+        self.log("val/loss", loss.mean(), sync_dist=False)
+        self.log("val/top1", 100.0 * top1.sum() / n, sync_dist=False)
+        self.log("val/top5", 100.0 * top5.sum() / n, sync_dist=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +275,7 @@ def load_classifier(path, map_location="cpu") -> tuple[ImageClassifier, dict]:
     model = ImageClassifier(Data2Vec2ImageTower(**arch["tower"]), arch["num_classes"], pooling=arch["pooling"],
                             linear_classifier=arch["linear_classifier"])
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
+    load_exact(model, state, f"{path} (the classifier its hyper_parameters describe)")
     model.eval()
     info = {k: arch[k] for k in ("num_classes", "image_size", "eval_crop_pct", "pooling")}
     info["task"] = (hparams.get("finetune_cfg") or {}).get("task")
