@@ -635,6 +635,21 @@ def _image_id(meta: dict, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def read_images(urls: Iterable[str], image_ids: set[int]) -> dict[int, bytes]:
+    """The encoded image of each of ``image_ids`` (numbered as ``ImageTextShards`` numbers them) found in the shards,
+    first occurrence; for showing a few images of a split, so nothing is decoded."""
+    found: dict[int, bytes] = {}
+    for url in urls:
+        for sample in tar_samples(url):
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            image_id = _image_id(_parse_meta(sample.get("json")), sample["__key__"])
+            if image_ext is not None and image_id in image_ids and image_id not in found:
+                found[image_id] = sample[image_ext]
+        if len(found) == len(image_ids):
+            break
+    return found
+
+
 def _new_batch(n: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised (n, *shape) batch; in a DataLoader worker in shared memory, where the batch has to go anyway
     (what ``default_collate`` does: it saves a copy of every batch)."""

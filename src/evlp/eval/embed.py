@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ class RetrievalEmbeddings:
     text_to_image: torch.Tensor  # (M,) long, row of image_embeddings each caption describes
     image_ids: torch.Tensor  # (N,) long, the loader's image_id of each row of image_embeddings
     metas: list[dict]  # (N,) the meta of each image's first occurrence
+    captions: list[str] = field(default_factory=list)  # (M,) the loader's caption strings, when it yields them
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -56,18 +57,21 @@ def embed_retrieval_set(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> RetrievalEmbeddings:
     """Encode every caption and every distinct image of a retrieval loader.
 
     The loader yields dicts with ``image`` (B, 3, H, W), ``text`` (B, L), ``padding_mask`` (B, L, True = padding),
-    ``image_id`` (B,) and ``meta`` (list of B dicts), one row per caption, so an image recurs once per caption. Images
-    are deduplicated by ``image_id`` (first occurrence, in order of first appearance) and each distinct image is
-    encoded once; captions are all kept, in loader order. ``device`` defaults to the model's; ``dtype`` (e.g.
-    ``torch.bfloat16`` on GPU) turns on autocast.
+    ``image_id`` (B,), ``meta`` (list of B dicts) and optionally ``caption`` (list of B strings, kept in
+    ``captions``), one row per caption, so an image recurs once per caption. Images are deduplicated by ``image_id``
+    (first occurrence, in order of first appearance) and each distinct image is encoded once; captions are all kept,
+    in loader order. ``device`` defaults to the model's; ``dtype`` (e.g. ``torch.bfloat16`` on GPU) turns on
+    autocast. ``tokenize`` (``captions -> (token_ids, padding_mask)``): tokenise the ``caption`` strings with the
+    model's own tokenizer instead of taking the loader's ``text`` (e.g. an open_clip model, ``OpenClipAdapter``).
     """
     device = resolve_device(model, device)
     row_of_image_id: dict[int, int] = {}
-    image_chunks, text_chunks, caption_rows, metas = [], [], [], []
+    image_chunks, text_chunks, caption_rows, metas, captions = [], [], [], [], []
     with inference(model, device, dtype):
         for batch in tqdm(loader, desc="embedding retrieval set", unit="batch", disable=not progress):
             new_in_batch = []  # batch positions of images not seen before, first occurrence only
@@ -77,11 +81,19 @@ def embed_retrieval_set(
                     new_in_batch.append(position)
                     metas.append(batch["meta"][position])
                 caption_rows.append(row_of_image_id[image_id])
+            if "caption" in batch:
+                captions.extend(batch["caption"])
             if new_in_batch:
                 images = batch["image"][new_in_batch].to(device, non_blocking=True)
                 image_chunks.append(to_unit_float(model.encode_image(images)))
-            text = batch["text"].to(device, non_blocking=True)
-            padding_mask = batch["padding_mask"].to(device, non_blocking=True)
+            if tokenize is None:
+                text, padding_mask = batch["text"], batch["padding_mask"]
+            elif "caption" not in batch:
+                raise ValueError("tokenize needs the loader's caption strings, and its batches have no 'caption'")
+            else:
+                text, padding_mask = tokenize(list(batch["caption"]))
+            text = text.to(device, non_blocking=True)
+            padding_mask = padding_mask.to(device, non_blocking=True)
             text_chunks.append(to_unit_float(model.encode_text(text, padding_mask)))
     if not text_chunks:
         raise ValueError("the retrieval loader yielded no batches")
@@ -91,6 +103,7 @@ def embed_retrieval_set(
         text_to_image=torch.tensor(caption_rows, dtype=torch.long),
         image_ids=torch.tensor(list(row_of_image_id), dtype=torch.long),
         metas=metas,
+        captions=captions,
     )
 
 

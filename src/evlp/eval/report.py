@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import textwrap
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,7 +82,7 @@ def _frame(ax, ok: bool) -> None:
         spine.set_linewidth(4 if ok else 1)
 
 
-def _spread(count: int, total: int) -> list[int]:
+def spread(count: int, total: int) -> list[int]:
     """``count`` indices spread evenly over ``range(total)`` (all of them if there are fewer): the same every run."""
     if count >= total:
         return list(range(total))
@@ -94,8 +96,8 @@ def save_retrieval_examples(split: RetrievalSplit, image_embeddings: torch.Tenso
     from matplotlib.figure import Figure
 
     k = min(k, len(split.image_paths), len(split.captions))
-    text_queries = _spread(queries, len(split.captions))
-    image_queries = _spread(queries, len(split.image_paths))
+    text_queries = spread(queries, len(split.captions))
+    image_queries = spread(queries, len(split.image_paths))
     fig = Figure(figsize=(2.2 * (k + 1), 2.4 * (len(text_queries) + len(image_queries))))
     grid = fig.add_gridspec(len(text_queries) + len(image_queries), k + 1)
     for row, q in enumerate(text_queries):
@@ -126,12 +128,45 @@ def save_retrieval_examples(split: RetrievalSplit, image_embeddings: torch.Tenso
     return path
 
 
+def save_text_query_examples(captions: list[str], positives: list[list[int]], text_embeddings: torch.Tensor,
+                             image_embeddings: torch.Tensor, load_images: Callable[[list[int]], list[Image.Image]],
+                             path: Path, queries: list[int], k: int = 5, title: str = "") -> Path:
+    """PNG: for each caption index in ``queries``, its text and its top-k images (images that are its positives,
+    ``positives[caption]``, framed green). ``load_images(rows)`` returns the images of those rows of
+    ``image_embeddings``, which are only read for the images shown."""
+    from matplotlib.figure import Figure
+
+    k = min(k, len(image_embeddings))
+    tops = [(text_embeddings[q] @ image_embeddings.T).topk(k).indices.tolist() for q in queries]
+    shown = sorted({i for top in tops for i in top})
+    image_of = dict(zip(shown, load_images(shown)))
+    fig = Figure(figsize=(2.2 * (k + 1), 2.4 * len(queries)))
+    grid = fig.add_gridspec(len(queries), k + 1)
+    for row, (q, top) in enumerate(zip(queries, tops)):
+        ax = fig.add_subplot(grid[row, 0])
+        ax.axis("off")
+        ax.text(0, 0.5, textwrap.fill(captions[q], 28), va="center", fontsize=8)
+        for col, i in enumerate(top, start=1):
+            ax = fig.add_subplot(grid[row, col])
+            thumbnail = image_of[i].convert("RGB")
+            thumbnail.thumbnail((160, 160))
+            ax.imshow(thumbnail)
+            _frame(ax, i in positives[q])
+            ax.set_title(f"#{col}", fontsize=8)
+    fig.suptitle(title or f"top-{k} images per caption (its own framed green)", fontsize=10)
+    with warnings.catch_warnings():  # captions in scripts the default font lacks: boxes, not a warning per glyph
+        warnings.filterwarnings("ignore", message=r".*[Gg]lyph.*missing.*")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    return path
+
+
 def save_zeroshot_examples(data: ImageNetVal, image_embeddings: torch.Tensor, classifier: torch.Tensor,
                            classnames: list[str], path: Path, queries: int = 6, k: int = 5) -> Path:
     """PNG: a few images with their top-k classes (the label ticked)."""
     from matplotlib.figure import Figure
 
-    chosen = _spread(queries, len(data.paths))
+    chosen = spread(queries, len(data.paths))
     fig = Figure(figsize=(9, 2.2 * len(chosen)))
     grid = fig.add_gridspec(len(chosen), 3)
     for row, i in enumerate(chosen):

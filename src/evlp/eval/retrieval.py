@@ -244,17 +244,19 @@ def chance_retrieval_metrics(text_to_image: torch.Tensor, num_images: int) -> di
         )
     if text_to_image.min() < 0 or text_to_image.max() >= num_images:
         raise ValueError(f"text_to_image values must index the {num_images} images")
-    n_txt = len(text_to_image)
     captions_per_image = torch.bincount(text_to_image.long().cpu(), minlength=num_images)
-    # Images with the same caption count have the same expectation: one exact big-integer ratio per distinct count.
-    counts, n_images_with_count = torch.unique(captions_per_image, return_counts=True)
-    metrics = {}
-    for k in RECALL_KS:
-        kk = min(k, n_txt)
-        expected_hits = sum(
-            int(n) * (1 - math.comb(n_txt - int(c), kk) / math.comb(n_txt, kk))
-            for c, n in zip(counts, n_images_with_count)
-        )
-        metrics[f"TR@{k}"] = 100.0 * expected_hits / num_images
+    metrics = {f"TR@{k}": chance_recall(len(text_to_image), captions_per_image, k) for k in RECALL_KS}
     metrics |= {f"IR@{k}": 100.0 * min(k, num_images) / num_images for k in RECALL_KS}
     return metrics
+
+
+def chance_recall(num_candidates: int, positives: torch.Tensor, k: int) -> float:
+    """Expected recall@k (percent) of queries that rank ``num_candidates`` candidates uniformly at random, query q
+    having ``positives[q]`` of them as positives: it misses with probability C(n - p, k) / C(n, k) (all k picks are
+    negatives), ``k`` capped at ``n``."""
+    kk = min(k, num_candidates)
+    # Queries with the same positive count have the same expectation: one exact big-integer ratio per distinct count.
+    counts, queries_with_count = torch.unique(positives.cpu(), return_counts=True)
+    expected_hits = sum(int(n) * (1 - math.comb(num_candidates - int(c), kk) / math.comb(num_candidates, kk))
+                        for c, n in zip(counts, queries_with_count))
+    return 100.0 * expected_hits / len(positives)

@@ -133,7 +133,7 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     if trainer.is_global_zero:
         device = module.device
         module.student.eval()
-        results = evaluate_pretrained(cfg, module.student, text_tokenizer, val_set, device)
+        results = evaluate_pretrained(cfg, module.student, text_tokenizer, val_set, device, run_dir)
         results["checkpoint"] = str(checkpoints.last_path) if checkpoints.last_path else None
         results["steps"] = trainer.global_step
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -9,15 +9,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-RETRIEVAL_KEYS = ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"]
+from evlp.eval.captions import RECALL_KEYS, UNIQUE_KEYS
+
+# Off the quickstart, retrieval also has its mean and the unique-caption subset (evlp.eval.captions).
+TABLE_KEYS = [*RECALL_KEYS, "mean_recall", *UNIQUE_KEYS, "unique_mean_recall"]
 
 
 def results_table(results: dict) -> str:
     """Markdown table: one row per metric, the model beside a random model."""
     chance = results.get("chance", {})
     rows = ["| metric | model | random model |", "|---|---:|---:|"]
-    for key in RETRIEVAL_KEYS:
-        if key in results.get("retrieval", {}):
+    for key in TABLE_KEYS:
+        if results.get("retrieval", {}).get(key) is not None:
             c = chance.get("retrieval", {}).get(key)
             rows.append(f"| {key} | {results['retrieval'][key]:.2f} | {'' if c is None else f'{c:.2f}'} |")
     zs = results.get("zeroshot")
@@ -101,5 +104,7 @@ def write_report(cfg: DictConfig, run_dir: Path, results: dict) -> str:
     ]
     if has_curves:
         lines += ["", "![training curves](curves.png)"]
+    if results.get("examples"):
+        lines += ["", f"![text queries and their top images]({results['examples']})"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return table
