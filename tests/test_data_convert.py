@@ -2,10 +2,12 @@
 
 import csv
 import json
+import tarfile
 from collections import Counter
 
 import pytest
 
+from evlp.cli import main
 from evlp.data.convert import convert
 from evlp.data.fetch import FetchOptions
 from evlp.data.imaging import ImageOptions
@@ -98,3 +100,133 @@ def test_folder_of_images_with_txt_captions_resumes(tmp_path):
         convert(folder, tmp_path / "out", shard_size=2, workers=1)
     with pytest.raises(EvlpError, match="no images"):
         convert(tmp_path / "out", tmp_path / "elsewhere")
+
+
+# -- relative paths, bad captions, what a finished shard holds, the held-out split ---------------------------------
+
+
+def tar_captions(folder) -> dict[str, str]:
+    """``{key: caption}`` of every shard of a folder, read straight from the tars."""
+    captions = {}
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    captions[member.name[: -len(".txt")]] = tar.extractfile(member).read().decode()
+    return captions
+
+
+def captioned(folder, names_and_captions: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, caption) in enumerate(names_and_captions.items()):
+        (folder / name).write_bytes(encode(photo(40, 30, seed=100 + i), "PNG"))
+        (folder / name).with_suffix(".txt").write_text(caption)
+
+
+def test_relative_paths_everywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    captioned(tmp_path / "data" / "photos", {"a.png": "first", "b.png": "second"})
+    assert main(["data", "convert", "data/photos", "--out", "data/shards", "--workers", "1"]) == 0
+    assert "2 of 2 rows" in capsys.readouterr().out
+    assert sorted(tar_captions(tmp_path / "data" / "shards").values()) == ["first", "second"]
+    # a table in another folder: its image cells are relative to the table's folder
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "pairs.csv").write_text("image,caption\n../data/photos/b.png,from a table\n")
+    monkeypatch.chdir(tmp_path / "data")
+    assert main(["data", "convert", "../lists/pairs.csv", "--out", "table-shards", "--workers", "1"]) == 0
+    assert "1 of 1 rows" in capsys.readouterr().out
+    assert list(tar_captions(tmp_path / "data" / "table-shards").values()) == ["from a table"]
+
+
+def test_bad_captions_are_counted_by_reason_and_never_stop_a_run(tmp_path):
+    folder = tmp_path / "photos"
+    captioned(folder, {"a.png": "fine", "b.png": "", "c.png": "  \n", "d.png": "x", "e.png": "with a BOM"})
+    (folder / "d.txt").write_bytes("caf\xe9 in latin-1".encode("latin-1"))
+    (folder / "e.txt").write_bytes("\ufeffwith a BOM".encode("utf-8"))
+    result = convert(folder, tmp_path / "out", workers=1)
+    assert result.succeeded == 2 and result.failed == Counter(no_caption=2, bad_caption=1)
+    assert sorted(tar_captions(tmp_path / "out").values()) == ["fine", "with a BOM"]
+
+    lines = ['{"image": "photos/a.png", "caption": "ok"}', '{"image": "photos/a.png", "caption": "lone \\ud800"}',
+             '{"image": "\\udc00.png", "caption": "a path no file system can name"}',
+             '{"image": "photos/a.png", "caption": ""}']
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    result = convert(tmp_path / "pairs.jsonl", tmp_path / "jsonl", workers=1)
+    assert result.succeeded == 1 and result.failed == Counter(bad_caption=1, invalid_row=1, no_caption=1)
+
+    (tmp_path / "pairs.csv").write_bytes(b"\xef\xbb\xbfimage,caption\nphotos/a.png,good\nphotos/a.png,bad \xff byte\n"
+                                         b"photos/\xff.png,no such file\n")
+    result = convert(tmp_path / "pairs.csv", tmp_path / "csv", workers=1)
+    assert result.succeeded == 1 and result.failed == Counter(bad_caption=1, missing_file=1)
+
+
+def test_a_shard_is_finished_only_while_it_holds_what_its_rows_give(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    captioned(folder, {"a.png": "one", "b.png": "two", "c.png": "three", "d.png": "four"})
+    (folder / "c.txt").unlink()
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\npics/a.png,one\npics/b.png,two\n")  # the wrong folder: every row is missing
+    run = ["data", "convert", str(table), "--out", str(tmp_path / "table-out"), "--workers", "1"]
+    assert main(run) == 0
+    assert "failed: missing_file 2" in capsys.readouterr().out
+    (tmp_path / "photos").rename(tmp_path / "pics")  # fixed, same command
+    assert main(run) == 0
+    assert "2 of 2 rows" in capsys.readouterr().out
+    assert main(run) == 0
+    assert "nothing left to do; 2 pairs" in capsys.readouterr().out
+
+    result = convert(tmp_path / "pics", tmp_path / "out", shard_size=2, workers=1)
+    assert result.succeeded == 3 and result.failed == Counter(no_caption=1)
+    assert convert(tmp_path / "pics", tmp_path / "out", shard_size=2, workers=1).attempted == 0
+    (tmp_path / "pics" / "c.txt").write_text("three")  # the missing caption, added: only its shard is redone
+    result = convert(tmp_path / "pics", tmp_path / "out", shard_size=2, workers=1)
+    assert (result.attempted, result.succeeded) == (2, 2) and result.folder["num_samples"] == 4
+    (tmp_path / "pics" / "a.txt").write_text("")  # a caption emptied: shard 0 now holds b only
+    convert(tmp_path / "pics", tmp_path / "out", shard_size=2, workers=1)
+    assert sorted(tar_captions(tmp_path / "out").values()) == ["four", "three", "two"]
+    (tmp_path / "pics" / "b.txt").write_text("")  # no pair left in shard 0: its tar goes
+    result = convert(tmp_path / "pics", tmp_path / "out", shard_size=2, workers=1)
+    assert not (tmp_path / "out" / "000000.tar").exists() and result.folder["num_samples"] == 2
+
+
+def split_sides(out) -> dict[str, str]:
+    return {caption: side for side in ("train", "val") for caption in tar_captions(out / side).values()}
+
+
+def test_held_out_split_by_image_content_survives_a_reconversion(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    captioned(folder, {f"p{i:02d}.png": f"photo {i}" for i in range(40)})
+    (folder / "copy.png").write_bytes((folder / "p07.png").read_bytes())  # the same image under another name
+    (folder / "copy.txt").write_text("photo 7, copied")
+    run = ["data", "convert", str(folder), "--out", str(tmp_path / "out"), "--val-fraction", "0.25",
+           "--shard-size", "16", "--workers", "1"]
+    assert main(run) == 0
+    assert "folder now train " in capsys.readouterr().out
+    sides = split_sides(tmp_path / "out")
+    assert len(sides) == 41 and 4 <= list(sides.values()).count("val") <= 18
+    assert sides["photo 7"] == sides["photo 7, copied"]
+    for side in ("train", "val"):
+        stats = json.loads((tmp_path / "out" / side / "stats.json").read_text())
+        assert stats["params"]["val_fraction"] == 0.25 and stats["params"]["split"] == side
+        assert stats["num_samples"] == list(sides.values()).count(side)
+    assert main(run) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+
+    # Rows shift (new photos sort first, one is removed) and the shards change size: every pair keeps its side.
+    captioned(folder, {f"a{i}.png": f"new {i}" for i in range(12)})
+    (folder / "p03.png").unlink()
+    convert(folder, tmp_path / "again", shard_size=7, workers=1, val_fraction=0.25)
+    again = split_sides(tmp_path / "again")
+    assert {c: again[c] for c in sides if c != "photo 3"} == {c: s for c, s in sides.items() if c != "photo 3"}
+    # a larger fraction only moves pairs from train to val
+    convert(folder, tmp_path / "more", workers=1, val_fraction=0.5)
+    more = split_sides(tmp_path / "more")
+    assert all(more[c] == "val" for c, s in again.items() if s == "val")
+
+    with pytest.raises(EvlpError, match="holds a split conversion"):
+        convert(folder, tmp_path / "out", workers=1)
+    convert(folder, tmp_path / "unsplit-first", workers=1)
+    with pytest.raises(EvlpError, match="converted without --val-fraction"):
+        convert(folder, tmp_path / "unsplit-first", workers=1, val_fraction=0.1)
+    with pytest.raises(EvlpError, match="val_fraction=0.25.*val_fraction=0.3"):
+        convert(folder, tmp_path / "out", shard_size=16, workers=1, val_fraction=0.3)

@@ -33,6 +33,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
 def _image_options(args) -> ImageOptions:
     return ImageOptions(size=args.image_size, min_size=args.min_size)
 
@@ -99,7 +106,7 @@ def cmd_data_convert(args) -> int:
     result = convert(
         args.input, args.out, image_column=args.image_column, caption_column=args.caption_column,
         shard_size=args.shard_size, image_options=_image_options(args), fetch_options=_fetch_options(args),
-        concurrency=args.concurrency, workers=args.workers,
+        concurrency=args.concurrency, workers=args.workers, val_fraction=args.val_fraction,
     )  # fmt: skip
     print(result.line())
     return 0
@@ -208,10 +215,13 @@ def _add_data(sub) -> None:
         description="Convert image-text pairs into WebDataset shards + stats files that training reads. INPUT is a "
                     "CSV, TSV or JSON-lines file with an image column (path relative to the file, or http(s) URL) "
                     "and a caption column, or a folder of images each with a same-named .txt caption. Rerunning "
-                    "resumes.",
+                    "resumes. Relative paths are taken from the current folder (image cells: from the table's).",
     )  # fmt: skip
     p.add_argument("input", help="a .csv, .tsv, .jsonl file or a folder")
     p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="hold out about this fraction of the pairs (e.g. 0.1): OUT/train and OUT/val, decided by the "
+                        "hash of each image's bytes, so a re-conversion keeps every pair on its side")
     p.add_argument("--image-column", default=None, help="column with the image path or URL (default: the first of "
                                                         "image, image_path, filepath, path, file, filename, url, ...)")
     p.add_argument("--caption-column", default=None, help="column with the caption (default: the first of caption, "

@@ -8,9 +8,16 @@ INPUT is one of
 * a folder of images, each with its caption in a text file of the same name (``cat.jpg`` + ``cat.txt``), searched
   recursively in sorted order.
 
+Paths may be relative (to the current folder) or absolute, for INPUT, ``--out`` and the table's image cells alike.
 Rows keep their order (the row number is the sample's ``image_id``) and the output has the same resumable layout and
 stats files as the downloaders (see ``shardwriter``). Any WebDataset folder or brace pattern can then be named in a
-training config's ``data.train``.
+training config's ``data.train``. With ``val_fraction`` the pairs are split into ``<out>/train`` and ``<out>/val``
+by the hash of each image's bytes (``shardwriter.SplitFolders``).
+
+A row that cannot become a pair is counted by reason, never stops the run: besides the image reasons
+(``evlp.data.imaging``), ``no_caption`` (no caption file, an empty cell or only whitespace), ``bad_caption`` (not
+UTF-8 text: undecodable bytes, a lone surrogate escaped in JSON), ``unreadable`` (the caption file cannot be read)
+and ``invalid_row`` (an image cell that cannot name a file).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 from evlp.data.fetch import FetchOptions, is_url
 from evlp.data.imaging import ImageOptions
 from evlp.data.pipeline import Row, RunResult, build_shards, rows_to_do
-from evlp.data.shardwriter import ShardFolder
+from evlp.data.shardwriter import ShardFolder, SplitFolders
 from evlp.errors import EvlpError
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "path", "file", "filename", "url", "image_url", "img")
@@ -45,8 +52,10 @@ def convert(
     fetch_options: FetchOptions = FetchOptions(),
     concurrency: int = 128,
     workers: int | None = None,
+    val_fraction: float | None = None,
 ) -> RunResult:
-    source = Path(input).expanduser()
+    # Absolute from here on: image paths are then read from one place, whatever folder the rows name them from.
+    source = Path(input).expanduser().resolve()
     if source.is_dir():
         images = sorted((p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                         key=lambda p: p.relative_to(source).as_posix())
@@ -59,16 +68,23 @@ def convert(
             image=table.pick(image_column, IMAGE_COLUMNS, "image"),
             caption=table.pick(caption_column, CAPTION_COLUMNS, "caption"),
         )
-        rows, num_rows = table.rows(columns["image"], columns["caption"]), table.count()
+        rows, num_rows = table.rows(columns["image"], columns["caption"], base=source.parent), table.count()
     else:
         raise EvlpError(f"{source} not found: give a CSV, TSV or JSON-lines file, or a folder of images + .txt files")
     params = dict(
-        source=f"convert {source.resolve()}",
+        source=f"convert {source}",
         **columns,
         rows=num_rows,
         **image_options.params(),
     )
-    with ShardFolder(out, shard_size, params, info=dict(input=str(source.resolve()))) as folder:
+    info = dict(input=str(source))
+    out = Path(out).expanduser()
+    if val_fraction is None and all((out / side / "stats.json").is_file() for side in SplitFolders.SIDES):
+        raise EvlpError(f"{out} holds a split conversion (train/, val/); pass the same --val-fraction to continue "
+                        f"it, or use another --out")
+    folders = (ShardFolder(out, shard_size, params, info=info) if val_fraction is None
+               else SplitFolders(out, shard_size, params, val_fraction, info=info))
+    with folders as folder:
         return build_shards(
             rows,
             folder,
@@ -84,13 +100,42 @@ def convert(
 
 def _folder_rows(root: Path, images: list[Path]) -> Iterator[Row]:
     for i, image in enumerate(images):
-        try:
-            caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            caption = None
-        except (OSError, UnicodeDecodeError) as e:
-            raise EvlpError(f"cannot read the caption of {image}: {e}") from e
-        yield Row(i, str(image), caption, meta=dict(path=image.relative_to(root).as_posix()))
+        relative = image.relative_to(root).as_posix()  # read from base=root
+        caption_file = image.with_suffix(".txt")
+        caption, invalid = _caption_file(caption_file)
+        yield Row(i, relative, caption, meta=dict(path=relative), invalid=invalid,
+                  fingerprint=f"{relative}\0{_file_state(image)}\0{_file_state(caption_file)}")
+
+
+def _file_state(path: Path) -> str:
+    """Size and modification time: what tells a rerun that a file changed since its shard was written."""
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _caption_file(path: Path) -> tuple[str | None, str | None]:
+    """``(caption, reason it is unusable)`` of a caption file; no file is no caption, a BOM is dropped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return None, "unreadable"
+    try:
+        return data.decode("utf-8-sig").strip() or None, None
+    except UnicodeDecodeError:
+        return None, "bad_caption"
+
+
+def _encodes(text: str, errors: str = "strict") -> bool:
+    try:
+        text.encode("utf-8", errors)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Table:
@@ -108,7 +153,9 @@ class _Table:
     def _records(self) -> Iterator[dict]:
         # Huge caption fields exist (HTML alt texts); the csv module's default limit is 128 KB.
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(self.path, newline="", encoding="utf-8") as f:
+        # Undecodable bytes are kept as surrogates (surrogateescape) and judged per row, not for the whole file;
+        # utf-8-sig drops a byte-order mark, which would otherwise glue itself to the first column's name.
+        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             if self.delimiter is not None:
                 yield from csv.DictReader(f, delimiter=self.delimiter)
                 return
@@ -151,10 +198,15 @@ class _Table:
         except (UnicodeDecodeError, csv.Error) as e:
             raise EvlpError(f"cannot read {self.path}: {e}") from e
 
-    def rows(self, image_column: str, caption_column: str) -> Iterator[Row]:
+    def rows(self, image_column: str, caption_column: str, base: Path) -> Iterator[Row]:
         for i, record in enumerate(self._records()):
             image, caption = record.get(image_column), record.get(caption_column)
             image = str(image).strip() if image is not None else ""
             caption = str(caption).strip() if caption is not None else ""
             meta = dict(url=image) if is_url(image) else dict(path=image)
-            yield Row(i, image or None, caption or None, meta=meta)
+            # A path may hold any bytes but a lone surrogate (which only a JSON escape makes); a caption must be text.
+            invalid = ("invalid_row" if not _encodes(image, "surrogateescape")
+                       else "bad_caption" if not _encodes(caption) else None)
+            local = _file_state(base / Path(image).expanduser()) if image and not (is_url(image) or invalid) else ""
+            yield Row(i, image or None, caption or None, meta=meta, invalid=invalid,
+                      fingerprint=f"{image}\0{caption}\0{local}")

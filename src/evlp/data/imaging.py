@@ -14,6 +14,7 @@ EXIF rotation (applied, since the metadata is not kept).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class PreparedImage:
     original_width: int  # as served (before EXIF rotation and resizing)
     original_height: int
     original_format: str
+    source_sha256: bytes = b""  # of the bytes as read or served: what a held-out split is decided by
 
 
 def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
@@ -81,7 +83,7 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     rgb = _resize_shorter_side(rgb, options.size)
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=options.quality)
-    return PreparedImage(buffer.getvalue(), *rgb.size, width, height, original_format)
+    return PreparedImage(buffer.getvalue(), *rgb.size, width, height, original_format, hashlib.sha256(data).digest())
 
 
 def _decode_rgb(image: Image.Image, size: int) -> Image.Image:

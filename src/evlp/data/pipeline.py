@@ -11,6 +11,8 @@ order) while letting later shards proceed past a slow row.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -37,6 +39,7 @@ class Row:
     caption: str | None
     meta: dict = field(default_factory=dict)  # json fields; "image_id" defaults to ``index``
     invalid: str | None = None  # reason the row is unusable as read (e.g. "invalid_row"), counted without a fetch
+    fingerprint: str | None = None  # what the row's sample depends on, where cheap to know (see shardwriter)
 
 
 @dataclass
@@ -52,7 +55,9 @@ class RunResult:
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
-        folder = f"{self.folder['num_samples']:,} pairs in {len(self.folder['shards']):,} shards"
+        sides = self.folder.get("sides", {"": self.folder})
+        folder = ", ".join(f"{side + ' ' if side else ''}{totals['num_samples']:,} pairs in "
+                           f"{len(totals['shards']):,} shards" for side, totals in sides.items())
         if self.attempted == 0:
             return f"{self.label}: nothing left to do; {folder}"
         rate = self.succeeded / self.attempted
@@ -73,6 +78,7 @@ class _Shard:
     pending: int = 0
     bytes_downloaded: int = 0
     enumerated: bool = False  # every row of the shard has been started
+    inputs: str | None = None  # digest of the rows' fingerprints, recorded in the stats file
     started: float = field(default_factory=time.monotonic)
 
 
@@ -165,31 +171,29 @@ class _Run:
     # -- scheduling ------------------------------------------------------------------------------------------------
 
     async def _produce(self, rows: Iterable[Row]) -> None:
-        current: _Shard | None = None
         last = -1
-        for row in rows:
-            k = row.index // self.folder.shard_size
-            if k < last:
-                raise ValueError(f"rows must come in increasing index order; row {row.index} came after shard {last}")
+        for k, shard_rows in itertools.groupby(rows, key=lambda row: row.index // self.folder.shard_size):
+            if k <= last:
+                raise ValueError(f"rows must come in increasing index order; shard {k} came after shard {last}")
             last = k
-            if current is not None and k != current.k:
-                self._enumerated(current)
-                current = None
-            if self.folder.is_finished(k):
+            shard_rows, inputs = _fingerprinted(shard_rows)
+            if self.folder.is_finished(k, inputs):
                 continue
-            if current is None:
-                while len(self.open) >= self.max_open_shards and self.error is None:
-                    self.changed.clear()
-                    await self.changed.wait()
-                current = self.open[k] = _Shard(k)
-            await self.slots.acquire()
-            self._raise_error()
-            current.attempted += 1
-            current.pending += 1
-            task = asyncio.create_task(self._process(row, current))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        if current is not None:
+            if self.folder.is_finished(k):  # written before, from rows that have changed since: redo it
+                self.progress.total = (self.progress.total or 0) + len(shard_rows)
+                self.progress.refresh()
+            while len(self.open) >= self.max_open_shards and self.error is None:
+                self.changed.clear()
+                await self.changed.wait()
+            current = self.open[k] = _Shard(k, inputs=inputs)
+            for row in shard_rows:
+                await self.slots.acquire()
+                self._raise_error()
+                current.attempted += 1
+                current.pending += 1
+                task = asyncio.create_task(self._process(row, current))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             self._enumerated(current)
 
     def _enumerated(self, shard: _Shard) -> None:
@@ -264,6 +268,7 @@ class _Run:
             failed=dict(shard.failed.most_common()),
             bytes_downloaded=shard.bytes_downloaded,
             seconds=round(time.monotonic() - shard.started, 3),
+            **({"inputs": shard.inputs} if shard.inputs is not None else {}),
         )
         self.attempted += shard.attempted
         self.succeeded += succeeded
@@ -295,6 +300,17 @@ class _Run:
             raise self.error
 
 
+def _fingerprinted(rows: Iterable[Row]) -> tuple[list[Row], str | None]:
+    """The rows of one shard and the digest of their fingerprints (None unless every row has one)."""
+    rows = list(rows)
+    if any(row.fingerprint is None for row in rows):
+        return rows, None
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(f"{row.index}\0{row.fingerprint}\0".encode("utf-8", "surrogatepass"))
+    return rows, digest.hexdigest()
+
+
 def _allow_open_files(needed: int) -> None:
     """Raise the soft limit on open files to ``needed`` if the hard limit allows: past the limit, every new
     connection would fail with EMFILE and be counted as a dead URL."""
@@ -318,9 +334,11 @@ def _sample(row: Row, image: PreparedImage) -> dict:
     }
     return {
         "__key__": f"{row.index:09d}",
+        "__source_sha256__": image.source_sha256,  # not written (TarWriter skips "_" keys): SplitFolders reads it
         "jpg": image.jpeg,
         "txt": row.caption.encode("utf-8"),
-        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        # A file name that is not UTF-8 (kept by surrogateescape) becomes \udcxx escapes, still valid JSON.
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8", "backslashreplace"),
     }
 
 

@@ -7,6 +7,14 @@ are settled: the tar goes to ``000000.tar.tmp`` and is renamed, then its stats f
 left by a killed run is redone. A shard in which no row succeeded gets a stats file but no tar, since an empty tar
 would only be a trap for readers.
 
+Where the rows can be fingerprinted cheaply (``evlp data convert``: each row's path and caption, and the size and
+modification time of its local files), the stats file also records ``inputs``, a digest of its rows'
+fingerprints, and a shard is finished only while its rows still have that digest: a rerun redoes exactly the
+shards whose images or captions changed (a fixed path, an added caption file), and a shard written by a run that
+could not read its rows is never taken for finished once they can be read.
+
+``SplitFolders`` writes a deterministic held-out split into ``<out>/train`` and ``<out>/val``, two such folders.
+
 ``000000.stats.json``::
 
     {"shard": "000000.tar", "rows": [0, 1000], "attempted": 1000, "succeeded": 712,
@@ -119,7 +127,7 @@ class ShardFolder:
                     f"{self.directory} holds shards made with {_describe(stats.get('params'))} (see {path.name}); this "
                     f"run asks for {_describe(self.params)}: rerun with the same options or use another folder"
                 )
-            if stats.get("succeeded", 0) > 0 and not (self.directory / shard_name(k)).is_file():
+            if stats["succeeded"] > 0 and not (self.directory / shard_name(k)).is_file():
                 continue  # its tar was deleted: redo it
             self.finished[k] = stats
 
@@ -131,8 +139,9 @@ class ShardFolder:
             if name.endswith(".tmp") or stale_tar:
                 path.unlink()
 
-    def is_finished(self, k: int) -> bool:
-        return k in self.finished
+    def is_finished(self, k: int, inputs: str | None = None) -> bool:
+        """Shard ``k`` is written; with ``inputs``, written from rows with that digest (see the module docstring)."""
+        return k in self.finished and (inputs is None or self.finished[k].get("inputs") == inputs)
 
     def totals(self) -> dict:
         failed: Counter[str] = Counter()
@@ -176,6 +185,7 @@ class ShardFolder:
                 os.replace(tmp, self.directory / name)
             else:
                 stats["bytes_written"] = 0
+                (self.directory / name).unlink(missing_ok=True)  # a shard redone with no pair left
             write_json(self.directory / f"{k:06d}.stats.json", stats)
             self.finished[k] = stats
             self.write_summary()
@@ -194,6 +204,75 @@ class ShardFolder:
         summary = dict(self.totals(), params=self.params, **self.info)
         write_json(self.directory / "stats.json", summary)
         return summary
+
+
+class SplitFolders:
+    """A held-out split: two ``ShardFolder``\ s, ``<directory>/train`` and ``<directory>/val``, with the same shard
+    geometry. Shard ``k`` of each holds its side's pairs among the source rows ``[k * shard_size, (k + 1) *
+    shard_size)``, and both are written together (val first): shard ``k`` is finished when both sides have it.
+
+    A pair's side depends only on the SHA-256 of its image's bytes as read (``in_val``), never on its row, its caption
+    or the other pairs, so a re-conversion (rows added, removed or reordered) keeps every pair on its side, identical
+    images always share a side, and a larger ``val_fraction`` only moves pairs from train to val. Rows that fail have
+    no side; they are counted in the train folder's stats."""
+
+    SIDES = ("train", "val")
+
+    def __init__(self, directory: str | os.PathLike, shard_size: int, params: dict, val_fraction: float,
+                 info: dict | None = None):
+        if not 0 < val_fraction < 1:
+            raise EvlpError(f"--val-fraction must lie strictly between 0 and 1; got {val_fraction}")
+        directory = Path(directory)
+        if (directory / "stats.json").is_file():
+            raise EvlpError(f"{directory} holds shards converted without --val-fraction; use another --out for a "
+                            f"split conversion")
+        self.val_fraction = val_fraction
+        self.shard_size = shard_size
+        self.folders: dict[str, ShardFolder] = {}
+        try:
+            for side in self.SIDES:
+                self.folders[side] = ShardFolder(directory / side, shard_size,
+                                                 dict(params, val_fraction=val_fraction, split=side), info)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def finished(self) -> dict[int, dict]:
+        train, val = self.folders["train"].finished, self.folders["val"].finished
+        return {k: stats for k, stats in train.items() if k in val}
+
+    def is_finished(self, k: int, inputs: str | None = None) -> bool:
+        return all(folder.is_finished(k, inputs) for folder in self.folders.values())
+
+    def in_val(self, source_sha256: bytes) -> bool:
+        """The first 8 bytes of the digest as a fraction of 2^64, against ``val_fraction``."""
+        return int.from_bytes(source_sha256[:8], "big") < self.val_fraction * 2**64
+
+    def write_shard(self, k: int, samples: list[dict], stats: dict) -> dict:
+        val = [sample for sample in samples if self.in_val(sample["__source_sha256__"])]
+        train = [sample for sample in samples if not self.in_val(sample["__source_sha256__"])]
+        written = self.folders["val"].write_shard(
+            k, val, dict(stats, attempted=len(val), succeeded=len(val), failed={}, bytes_downloaded=0))
+        written_train = self.folders["train"].write_shard(
+            k, train, dict(stats, attempted=stats["attempted"] - len(val), succeeded=len(train)))
+        return dict(written_train, bytes_written=written_train["bytes_written"] + written["bytes_written"])
+
+    def totals(self) -> dict:
+        sides = {side: folder.totals() for side, folder in self.folders.items()}
+        return dict(num_samples=sum(t["num_samples"] for t in sides.values()),
+                    shards={f"{side}/{name}": n for side, t in sides.items() for name, n in t["shards"].items()},
+                    sides=sides)
+
+    def close(self) -> None:
+        for folder in self.folders.values():
+            folder.close()
+
+    def __enter__(self) -> SplitFolders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _shard_index(name: str) -> int | None:
