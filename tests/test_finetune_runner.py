@@ -107,10 +107,11 @@ def test_sweep_goes_on_past_a_failed_task_and_writes_one_table(tmp_path, monkeyp
 
 
 def test_vision_and_glue_tables_follow_the_seed_readme():
-    vision = [{"status": "ok", "task": "imagenet", "run_name": "imagenet_linear", "headline": {"acc@1": 65.0},
-               "parameters": 44_000_000, "resolution": 224},
-              {"status": "ok", "task": "imagenet", "run_name": "imagenet", "headline": {"acc@1": 75.5},
-               "parameters": 44_700_000, "resolution": 224}]
+    # run names as a rerun of the sweep gives them (an earlier sweep's runs hold the plain names)
+    vision = [{"status": "ok", "task": "imagenet", "run_name": "imagenet_linear-2", "headline": {"acc@1": 65.0},
+               "parameters": 44_000_000, "resolution": 224, "overrides": ["model.linear_classifier=True"]},
+              {"status": "ok", "task": "imagenet", "run_name": "imagenet-2", "headline": {"acc@1": 75.5},
+               "parameters": 44_700_000, "resolution": 224, "overrides": ["model.linear_classifier=False"]}]
     assert "| imagenet | 224x224 | 75.50 | 65.00 | 44.7M |" in sweep_module.summary_markdown("vision", vision)
     glue = [{"status": "ok", "task": "cola", "headline": {"MCC": 14.2}, "parameters": 67_000_000}]
     assert "| COLA | MCC | 14.20 | 67.0M |" in sweep_module.summary_markdown("glue", glue)

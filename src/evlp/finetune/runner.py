@@ -12,7 +12,8 @@ Run manual::
 Outputs: ``<log_dir>/<run_name>/`` holds config.yaml, metrics.csv, TensorBoard events, results.json (the best
 checkpoint's metrics and the protocol), curves.png and report.md. Checkpoints go to ``<model_path>/<run_name>/``:
 ``model-{step}-{val_loss:.4f}-val.ckpt`` is the best by the task's metric (the only one kept), ``last.ckpt`` the state
-after the latest validation, which ``resume=latest`` continues from.
+after the latest validation, which ``resume=latest`` continues from. Folders that hold an earlier run are continued
+only with ``resume=``; otherwise the run is renamed ``<run_name>-2``, ... (``evlp.train.runs``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from evlp.train.callbacks import CSVLogger
 from evlp.train.checkpoint import AtomicCheckpointIO, checkpoint_name, load_training_checkpoint
 from evlp.train.recipe import resolve_precision
 from evlp.train.report import plot_curves
+from evlp.train.runs import claim_run_folders
 
 log = logging.getLogger("evlp")
 
@@ -158,10 +160,9 @@ FINETUNE_PANELS = [("loss", ["train/loss", "val/loss"]), ("learning rate", ["lr"
 def run_finetune(cfg: DictConfig) -> dict:
     """Fine-tune, evaluate the best checkpoint, write the run folder; returns ``results.json``'s content."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    run_dir = Path(cfg.log_dir) / cfg.run_name
-    checkpoint_dir = Path(cfg.model_path) / cfg.run_name
-    resume_from = _resume_path(cfg, checkpoint_dir)
     task = build_task(cfg)  # every input error surfaces here, before training
+    run_dir, checkpoint_dir = claim_run_folders(cfg)
+    resume_from = _resume_path(cfg, checkpoint_dir)
     log.info(task.summary)
 
     t = cfg.trainer
@@ -169,8 +170,8 @@ def run_finetune(cfg: DictConfig) -> dict:
     # Trainer(gradient_clip_val=...) with manual optimisation.
     manual = not task.module.automatic_optimization
     csv_logger = CSVLogger(run_dir / "metrics.csv")
-    if resume_from is not None:
-        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"])
+    if cfg.resume is not None:  # this run's own log: drop what was logged after the checkpoint (all, if none)
+        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"] if resume_from else 0)
     best = BestCheckpoint(checkpoint_dir, task.monitor, task.mode)
     callbacks = [best, RandomState(), LearningRateMonitor(logging_interval="step")]
     if t.progress_bar:

@@ -44,7 +44,9 @@ def run_sweep(family: str, overrides: list[str]) -> tuple[list[dict], Path]:
         row = {"config": name, "overrides": extra, "run_name": cfg.run_name, "task": cfg.task}
         try:
             results = run_finetune(cfg)
-            row.update(status="ok", headline=results["headline"], parameters=results["parameters"],
+            # run_name again: the run was renamed if an earlier sweep's run holds the name
+            row.update(status="ok", run_name=cfg.run_name, headline=results["headline"],
+                       parameters=results["parameters"],
                        resolution=results["protocol"].get("resolution"),
                        results=str(Path(cfg.log_dir) / cfg.run_name / "results.json"))
         except (EvlpError, Exception) as e:  # noqa: BLE001 - one failed task must not stop the sweep
@@ -79,8 +81,9 @@ def summary_markdown(family: str, rows: list[dict]) -> str:
         by_task: dict[str, dict] = {}
         for r in ok:
             entry = by_task.setdefault(r["task"], {"resolution": r["resolution"], "parameters": r["parameters"]})
-            entry["linear" if r["run_name"].endswith("_linear") else "finetune"] = r["headline"]["acc@1"]
-            if not r["run_name"].endswith("_linear"):
+            linear = "model.linear_classifier=True" in r["overrides"]
+            entry["linear" if linear else "finetune"] = r["headline"]["acc@1"]
+            if not linear:
                 entry["parameters"] = r["parameters"]
         for task, e in by_task.items():
             res = f"{e['resolution']}x{e['resolution']}" if e["resolution"] else ""

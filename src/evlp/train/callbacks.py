@@ -76,7 +76,10 @@ class StepCheckpoint(L.Callback):
 
     ``loss`` is the mean training loss since the previous checkpoint (not one noisy step). A checkpoint is only
     written while every loss so far was finite; NaN/inf stops the run and points at the last good checkpoint.
-    Only the ``keep_last`` newest checkpoints are kept.
+    Only the ``keep_last`` newest checkpoints of this run are kept: the ones this process wrote and, when it resumed,
+    the folder's checkpoints up to the step it resumed from (the run's own past). Checkpoints past that step (another
+    continuation of the run, e.g. after ``resume=`` an older checkpoint) and files of other names are never deleted,
+    and neither is the checkpoint just written.
     """
 
     def __init__(self, folder: Path, every_n_steps: int, keep_last: int = 2):
@@ -87,6 +90,11 @@ class StepCheckpoint(L.Callback):
         self._loss_count = 0
         self.last_saved_step = -1
         self.last_path: Path | None = None
+        self.written: list[Path] = []  # this process's checkpoints, oldest first
+        self.start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step = trainer.global_step  # > 0 after a resume
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -115,8 +123,10 @@ class StepCheckpoint(L.Callback):
         trainer.save_checkpoint(path, weights_only=False)
         self._loss_sum, self._loss_count = None, 0
         self.last_saved_step, self.last_path = step, path
+        self.written = [p for p in self.written if p != path] + [path]
         if trainer.is_global_zero and self.keep_last > 0:
-            for _, old in list_checkpoints(self.folder)[: -self.keep_last]:
+            past = [p for s, p in list_checkpoints(self.folder) if s <= self.start_step and p not in self.written]
+            for old in (past + self.written)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
 
 

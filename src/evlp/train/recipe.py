@@ -8,8 +8,10 @@ Run manual::
     srun evlp train --config training/s_smke base_dir=/data trainer.num_nodes=2 trainer.devices=4   # SLURM
     evlp train --config training/s_smke base_dir=/data resume=latest               # continue after a stop
 
-Outputs: ``<log_dir>/<run_name>/`` holds config.yaml, metrics.csv, TensorBoard events, results.json, curves.png
-and report.md; checkpoints go to ``<model_path>/<run_name>/model-{step}-{loss:.4f}-train.ckpt``.
+Outputs: ``<log_dir>/<run_name>/`` holds config.yaml, metrics.csv, TensorBoard events, results.json, curves.png,
+retrieval_examples.png and report.md; checkpoints go to ``<model_path>/<run_name>/model-{step}-{loss:.4f}-train.ckpt``.
+Folders that hold an earlier run are continued only with ``resume=``; otherwise the run is renamed ``<run_name>-2``,
+... (``evlp.train.runs``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from evlp.train.eval_callbacks import benchmark_callbacks
 from evlp.train.evaluate import evaluate_pretrained
 from evlp.train.module import PretrainModule
 from evlp.train.report import write_report
+from evlp.train.runs import claim_run_folders
 
 log = logging.getLogger("evlp")
 
@@ -65,9 +68,8 @@ def build_strategy(cfg: DictConfig):
 def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     """Train, evaluate and write the run folder; returns the content of ``results.json`` (rank 0)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    run_dir = Path(cfg.log_dir) / cfg.run_name
-    checkpoint_dir = Path(cfg.model_path) / cfg.run_name
     check_weight_files(cfg.model)  # fail before any work on a missing weight file
+    run_dir, checkpoint_dir = claim_run_folders(cfg)
     resume_from = resolve_resume(cfg.resume, checkpoint_dir)
 
     run_data = prepare_run_data(cfg)
@@ -82,8 +84,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
 
     t = cfg.trainer
     csv_logger = CSVLogger(run_dir / "metrics.csv")
-    if resume_from is not None:
-        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"])
+    if cfg.resume is not None:  # this run's own log: drop what was logged after the checkpoint (all, if none)
+        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"] if resume_from else 0)
     checkpoints = StepCheckpoint(checkpoint_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints)
     callbacks = [
         DataPosition(train_set),  # before StepCheckpoint: a checkpoint must include the batch it was saved after

@@ -96,7 +96,8 @@ def write_report(cfg: DictConfig, run_dir: Path, results: dict) -> str:
     lines = [
         f"# {cfg.run_name}",
         "",
-        f"Steps: {results.get('steps')}; last checkpoint: `{results.get('checkpoint')}`.",
+        f"Steps: {results.get('steps')}; " + (f"last checkpoint: `{results['checkpoint']}`." if results.get(
+            "checkpoint") and Path(results["checkpoint"]).is_file() else "no checkpoint kept."),
         "",
         table,
         "",
