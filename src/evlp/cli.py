@@ -11,15 +11,18 @@ from evlp.errors import EvlpError
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="packaged config name, e.g. training/s_smke (default: "
-                        "quickstart)")
+                        "quickstart), or a YAML file of your own (my.yaml; `extends: training/s_smke` in it starts "
+                        "from a packaged config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. base_dir=/data")
 
 
 def cmd_train(args) -> int:
-    from evlp.config import load_config
+    from evlp.config import config_root, load_config
     from evlp.train.recipe import quiet_third_party_logs, run_pretraining
     from evlp.train.report import results_table
 
+    if (config_root(args.config) or "").startswith("fine_tuning/"):
+        raise EvlpError(f"--config {args.config} is a fine-tuning config: run it with evlp finetune")
     cfg = load_config(args.config, args.overrides)
     quiet_third_party_logs()
     results = run_pretraining(cfg)

@@ -1,8 +1,14 @@
 """Typed run configs: packaged YAML files + ``key=value`` overrides, validated against dataclasses.
 
-A config is selected by name (``--config training/s_smke`` -> ``evlp/configs/training/s_smke.yaml``) and overridden
-with the original EV-LP grammar: ``base_dir=/data trainer.max_epochs=1 model.text_tower.path=/models/bert``. Every
-path derives from ``base_dir`` through interpolation (``model_path: ${base_dir}/models``), so nothing is hard-coded.
+A config is selected by name (``--config training/s_smke`` -> ``evlp/configs/training/s_smke.yaml``) or is a YAML
+file of one's own (``--config my.yaml``), and overridden with the original EV-LP grammar: ``base_dir=/data
+trainer.max_epochs=1 model.text_tower.path=/models/bert``. Every path derives from ``base_dir`` through
+interpolation (``model_path: ${base_dir}/models``), so nothing is hard-coded.
+
+A YAML file of one's own may start from another config with a top-level ``extends:`` key, a packaged config's name
+(``extends: training/s_smke``) or another file (``extends: base.yaml``, relative to the extending file); its keys
+are merged over that config's, then the command line's overrides over both. A file that extends nothing starts from
+the schema's defaults.
 
 The schema lives in the dataclasses below; OmegaConf merges the YAML and the overrides into it, which rejects
 unknown keys and values of the wrong type. ``load_config`` turns those rejections into one ``EvlpError`` line that
@@ -168,6 +174,9 @@ class RunConfig:
     log_dir: str = "${base_dir}/logs"
     seed: int = 42
     resume: Optional[str] = None  # None, "latest" or a checkpoint path
+    # A training checkpoint (.ckpt) or an `evlp export` folder whose student weights this run starts from (weights
+    # only: optimizer, schedule, step and memory bank start fresh); ignored when resuming.
+    init_from: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,14 +247,70 @@ def schema_for(name: str) -> type:
     return RunConfig
 
 
-def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
-    """Load packaged config ``name`` (``quickstart`` when None), apply ``key=value`` overrides, validate, resolve."""
-    name = (name or "quickstart").removesuffix(".yaml")
-    schema = OmegaConf.structured(schema_for(name))
+EXTENDS = "extends"
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _read_file(path: Path) -> DictConfig:
     try:
-        merged = OmegaConf.merge(schema, _read_packaged(name))
-    except OmegaConfBaseException as e:
-        raise _explain(e, schema, f"config '{name}'") from None
+        layer = OmegaConf.load(path)  # a safe YAML loader: no tags that build Python objects
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvlpError(f"cannot read config file {path}: {e}") from None
+    except Exception as e:  # the YAML parser's errors (ScannerError, ParserError, ...)
+        reason = re.sub(r"\s+", " ", str(e).strip()) or type(e).__name__
+        raise EvlpError(f"config file {path} is not valid YAML: {reason}") from None
+    if not isinstance(layer, DictConfig):
+        raise EvlpError(f"config file {path} must hold a mapping of keys (e.g. `extends: training/s_smke`, "
+                        f"`run_name: mine`), not a list")
+    return layer
+
+
+def config_layers(name: str) -> tuple[Optional[str], List[tuple[str, DictConfig]]]:
+    """``(root, layers)``: the packaged config everything starts from (None for a file that extends nothing) and the
+    configs to merge in order, each with the origin its errors name. ``name`` is a packaged config's name, or the
+    path of a YAML file (a path ending in .yaml/.yml that exists wins over a packaged name)."""
+    layers: List[tuple[str, DictConfig]] = []
+    seen: List[Path] = []
+    path = Path(name).expanduser()
+    while name.endswith(YAML_SUFFIXES) and path.is_file():
+        path = path.resolve()
+        if path in seen:
+            raise EvlpError(f"config file {path} extends itself (through {', '.join(map(str, seen))})")
+        seen.append(path)
+        layer = _read_file(path)
+        parent = layer.pop(EXTENDS, None)
+        layers.insert(0, (str(path), layer))
+        if parent is None:
+            return None, layers
+        if not isinstance(parent, str):
+            raise EvlpError(f"config file {path}: `{EXTENDS}:` names one config (a packaged name such as "
+                            f"training/s_smke, or a .yaml file), not {parent!r}")
+        name, path = parent, path.parent / Path(parent).expanduser()
+    if name.endswith(YAML_SUFFIXES) and name.removesuffix(".yaml") not in available_configs():
+        where = f" (extended by {seen[-1]})" if seen else ""
+        raise EvlpError(f"config file {path} not found{where}; nor is {name} a packaged config (nearest: "
+                        f"{_nearest(name.removesuffix('.yaml'), available_configs())})")
+    name = name.removesuffix(".yaml")
+    return name, [(f"config '{name}'", _read_packaged(name)), *layers]
+
+
+def config_root(name: Optional[str]) -> Optional[str]:
+    """The packaged config that ``--config name`` starts from (None: a file that extends nothing)."""
+    return config_layers(name or "quickstart")[0]
+
+
+def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
+    """Load config ``name`` (packaged name or YAML file; ``quickstart`` when None), apply ``key=value`` overrides,
+    validate, resolve."""
+    name = name or "quickstart"
+    root, layers = config_layers(name)
+    schema = OmegaConf.structured(schema_for(root or ""))
+    merged = schema
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, origin) from None
     for item in overrides:
         if "=" not in item:
             raise EvlpError(f"override '{item}' is not of the form key=value (e.g. base_dir=/data)")

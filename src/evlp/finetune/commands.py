@@ -8,13 +8,14 @@ from evlp.errors import EvlpError
 
 
 def cmd_finetune(args) -> int:
-    from evlp.config import load_config
+    from evlp.config import config_root, load_config
     from evlp.finetune.runner import run_finetune
     from evlp.train.recipe import quiet_third_party_logs
 
-    if not args.config.removesuffix(".yaml").startswith("fine_tuning/"):
+    if not (config_root(args.config) or "").startswith("fine_tuning/"):
         raise EvlpError(f"--config {args.config}: evlp finetune takes a fine_tuning/<task> config, e.g. "
-                        f"fine_tuning/mrpc (pretraining configs go to evlp train)")
+                        f"fine_tuning/mrpc, or a YAML file that extends one (`extends: fine_tuning/mrpc`); "
+                        f"pretraining configs go to evlp train")
     cfg = load_config(args.config, args.overrides)
     quiet_third_party_logs()
     results = run_finetune(cfg)
@@ -40,7 +41,8 @@ def cmd_sweep(args) -> int:
 
 def register(subparsers) -> None:
     finetune = subparsers.add_parser("finetune", help="downstream fine-tuning (ImageNet, CIFAR, GLUE, retrieval)")
-    finetune.add_argument("--config", required=True, help="fine_tuning/<task>, e.g. fine_tuning/imagenet")
+    finetune.add_argument("--config", required=True, help="fine_tuning/<task>, e.g. fine_tuning/imagenet, or a YAML "
+                          "file with `extends: fine_tuning/<task>`")
     finetune.add_argument("overrides", nargs="*", metavar="key=value",
                           help="config overrides, e.g. base_dir=/data model.model_path=CKPT")
     finetune.set_defaults(handler=cmd_finetune)

@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from evlp.errors import EvlpError
+from evlp.pretrained.towers import fit_problems, load_exact
 
 CHECKPOINT_RE = re.compile(r"^model-(\d+)-(-?[\d.]+|nan|inf)-(train|val)\.ckpt$")
 
@@ -71,6 +72,38 @@ def list_checkpoints(folder: Path, kind: str = "train") -> list[tuple[int, Path]
             if m and m.group(3) == kind:
                 found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def checked_resume_state(path: Path, module: torch.nn.Module, skip_prefix: str) -> dict:
+    """The checkpoint ``resume=`` names, read once, after checking that it is a pretraining checkpoint of this
+    run's model (every tensor of ``module`` but those under ``skip_prefix``, the teacher, at the same shape): one
+    line otherwise, never Lightning's traceback from deep inside ``fit``."""
+    ckpt = load_training_checkpoint(path)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "global_step" not in ckpt or "optimizer_states" not in ckpt:
+        raise EvlpError(f"resume={path}: not an evlp pretraining checkpoint (no model state, step or optimizer "
+                        f"state in it); resume= continues a run from one of its own checkpoints")
+    expected = {k: v for k, v in module.state_dict().items() if not k.startswith(skip_prefix)}
+    problems = fit_problems(expected, state)
+    if problems:
+        raise EvlpError(f"resume={path}: the checkpoint does not fit this run's model ({'; '.join(problems)}); "
+                        f"resume with the settings it was trained with (--config <its run folder>/config.yaml)")
+    return ckpt
+
+
+def init_student_from(student: torch.nn.Module, source: str) -> str:
+    """Load the student weights of a training checkpoint or an `evlp export` folder into ``student`` (weights only:
+    nothing of the optimizer, the schedule, the step or the memory bank); returns the line saying what was loaded."""
+    from evlp.api import load_model  # builds the source's model: imported only when asked (evlp.api imports a lot)
+
+    loaded = load_model(source)
+    state = loaded.model.state_dict()
+    load_exact(student, state, f"init_from={source} (this run's model settings and tokenizer must be those of the "
+                               f"run that made it)")
+    step = f" of step {loaded.step}" if loaded.step is not None else ""
+    values = sum(v.numel() for v in state.values())
+    return (f"init_from: the student's weights ({len(state)} tensors, {values / 1e6:.1f}M values) from the {loaded.kind}"
+            f"{step} {source}; optimizer, schedule, step and memory bank start fresh")
 
 
 def resolve_resume(resume: Optional[str], folder: Path) -> Optional[Path]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from evlp.config import save_config
@@ -33,11 +35,11 @@ from evlp.data.shards import make_loader
 from evlp.flops import pair_flops, peak_flops
 from evlp.models.build import check_weight_files
 from evlp.train.callbacks import CSVLogger, DataPosition, StepCheckpoint, Throughput
-from evlp.train.checkpoint import AtomicCheckpointIO, load_training_checkpoint, resolve_resume
+from evlp.train.checkpoint import AtomicCheckpointIO, checked_resume_state, init_student_from, resolve_resume
 from evlp.train.data import build_datasets, build_tokenizer, prepare_run_data
 from evlp.train.eval_callbacks import benchmark_callbacks
 from evlp.train.evaluate import evaluate_pretrained
-from evlp.train.module import PretrainModule
+from evlp.train.module import TEACHER_PREFIX, PretrainModule
 from evlp.train.report import write_report
 from evlp.train.runs import claim_run_folders
 
@@ -76,6 +78,12 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     hf_tokenizer = build_tokenizer(cfg, run_data)
     text_tokenizer, train_set, val_set = build_datasets(cfg, run_data, hf_tokenizer)
     module = PretrainModule(cfg, tokenizer=hf_tokenizer)
+    resumed = checked_resume_state(resume_from, module, TEACHER_PREFIX) if resume_from else None
+    if cfg.init_from is not None:  # a resumed run's checkpoint holds its weights already
+        line = (f"init_from={cfg.init_from} ignored: resuming from {resume_from}" if resumed
+                else init_student_from(module.student, cfg.init_from))
+        if rank_zero_only.rank == 0:
+            print(line, file=sys.stderr)
     if cfg.trainer.grad_checkpointing:
         module.student.set_grad_checkpointing()
     if cfg.trainer.compile:
@@ -85,7 +93,7 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     t = cfg.trainer
     csv_logger = CSVLogger(run_dir / "metrics.csv")
     if cfg.resume is not None:  # this run's own log: drop what was logged after the checkpoint (all, if none)
-        csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"] if resume_from else 0)
+        csv_logger.truncate_after(resumed["global_step"] if resumed else 0)
     checkpoints = StepCheckpoint(checkpoint_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints)
     callbacks = [
         DataPosition(train_set),  # before StepCheckpoint: a checkpoint must include the batch it was saved after
