@@ -91,7 +91,8 @@ def test_init_from_a_checkpoint_or_an_export_starts_from_its_weights_only(tmp_pa
     run_pretraining(load_config("quickstart", [*overrides, "run_name=donor", "trainer.max_steps=4"]))
     checkpoint = list_checkpoints(tmp_path / "models" / "donor")[-1][1]
     donor = load_training_checkpoint(checkpoint)
-    assert main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    # a run's checkpoint folder stands for its newest checkpoint
+    assert main(["export", str(tmp_path / "models" / "donor"), "--out", str(tmp_path / "exported")]) == 0
     capsys.readouterr()
 
     for source in (checkpoint, tmp_path / "exported"):

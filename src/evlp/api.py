@@ -169,10 +169,15 @@ def open_image(image) -> Image.Image:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint file or an export folder (or the ``model.safetensors`` inside one) onto ``device``."""
+    """Load a checkpoint file, a run's checkpoint folder (its newest checkpoint: ``models/<run_name>``) or an export
+    folder (or the ``model.safetensors`` inside one) onto ``device``."""
+    from evlp.train.checkpoint import list_checkpoints
+
     path = Path(path).expanduser()
     if path.is_file() and path.name == WEIGHTS_NAME:
         path = path.parent
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and list_checkpoints(path):
+        path = list_checkpoints(path)[-1][1]
     if path.is_dir():
         loaded = _load_export(path)
     elif path.is_file():
@@ -231,7 +236,8 @@ def _load_export(folder: Path) -> LoadedModel:
 
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
-        raise EvlpError(f"{folder} is not an `evlp export` folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise EvlpError(f"{folder} is not an `evlp export` folder (it needs {CONFIG_NAME} and {WEIGHTS_NAME}) nor a "
+                        f"run's checkpoint folder (model-*-train.ckpt files)")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

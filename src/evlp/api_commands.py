@@ -97,7 +97,8 @@ def register(subparsers) -> None:
 
     export = subparsers.add_parser("export", help="write a checkpoint's student as safetensors + config + tokenizer "
                                    "+ model card (optionally push it to the Hugging Face Hub)")
-    export.add_argument("checkpoint", help="training checkpoint (.ckpt) or an earlier export folder")
+    export.add_argument("checkpoint", help="training checkpoint (.ckpt), a run's checkpoint folder (models/<run_name>: "
+                        "its newest checkpoint) or an earlier export folder")
     export.add_argument("--out", required=True, help="folder to write (must be new, empty or an earlier export)")
     export.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to this Hub model repo "
                         "(e.g. me/my-model; token from `hf auth login` or HF_TOKEN)")
@@ -105,7 +106,8 @@ def register(subparsers) -> None:
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")
     export.set_defaults(handler=cmd_export)
 
-    model_help = "export folder or training checkpoint (default: the model the index was built with)"
+    model_help = ("export folder, training checkpoint or a run's checkpoint folder (its newest checkpoint) (default: "
+                  "the model the index was built with)")
     index = subparsers.add_parser("index", help="embed a folder of images (recursively) for `evlp search`; reruns "
                                   "only embed new and changed files")
     index.add_argument("images_dir", help="folder of images (jpg, png, webp, gif, bmp, tif)")

@@ -103,7 +103,7 @@ def init_student_from(student: torch.nn.Module, source: str) -> str:
     step = f" of step {loaded.step}" if loaded.step is not None else ""
     values = sum(v.numel() for v in state.values())
     return (f"init_from: the student's weights ({len(state)} tensors, {values / 1e6:.1f}M values) from the {loaded.kind}"
-            f"{step} {source}; optimizer, schedule, step and memory bank start fresh")
+            f"{step} {loaded.source}; optimizer, schedule, step and memory bank start fresh")
 
 
 def resolve_resume(resume: Optional[str], folder: Path) -> Optional[Path]:
