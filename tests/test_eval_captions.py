@@ -7,11 +7,13 @@ from __future__ import annotations
 import itertools
 import math
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-from evlp.eval import (OpenClipAdapter, caption_retrieval_metrics, evaluate_caption_retrieval, retrieval_metrics)
+from evlp.eval import OpenClipAdapter, caption_retrieval_metrics, evaluate_caption_retrieval, retrieval_metrics
 from evlp.eval.captions import RECALL_KEYS, UNIQUE_KEYS, distinct_pairs, positive_ranks
 
 KS = (1, 5, 10)
@@ -158,9 +160,6 @@ def test_chance_levels_match_a_random_ranking():
 
 
 def test_open_clip_model_behind_the_evlp_interface():
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
     torch.manual_seed(0)
     model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, patch_size=8, image_size=16, head_width=16),
                  text_cfg=CLIPTextCfg(context_length=12, vocab_size=49408, width=32, heads=2, layers=1))

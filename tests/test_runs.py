@@ -27,7 +27,8 @@ def snapshot(*folders: Path) -> dict[str, str]:
 
 
 def train(base_dir: Path, *extra: str) -> int:
-    return main(["train", f"base_dir={base_dir}", *TINY, "trainer.checkpoint_every_n_steps=2", *extra])
+    fast = ["eval.zeroshot=false", "eval.zeroshot_callback=null", "eval.retrieval_callback=null"]
+    return main(["train", f"base_dir={base_dir}", *TINY, *fast, "trainer.checkpoint_every_n_steps=2", *extra])
 
 
 def test_a_second_run_into_the_same_base_dir_gets_its_own_folders(tmp_path, caplog):
