@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,26 @@ def read_weight_file(path: str | Path) -> WeightFile:
         raise EvlpError(f"{path}: unknown checkpoint layout ({describe(obj)}); expected "
                         f"{FORMAT_NAMES['data2vec2-fairseq']} or {FORMAT_NAMES['beitv2-unilm']}")
     return WeightFile(path, fmt, obj, None, how)
+
+
+def check_download(path: Path, expected: str) -> None:
+    """EvlpError unless a downloaded checkpoint is whole and of the ``expected`` format.
+
+    Neither upstream publishes a digest for its weight files, so this is what can be checked: the CRC-32 that the
+    ``torch.save`` zip container stores for every record (all of them are read), then the checkpoint's own layout,
+    read without running code. The size was checked against the server's Content-Length by the download.
+    """
+    if sniff(path) == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise EvlpError(f"{path.name}: truncated or corrupt zip container ({first_line(e)})") from None
+        if bad is not None:
+            raise EvlpError(f"{path.name}: record {bad} fails its CRC-32 check (damaged in transit)")
+    found = read_weight_file(path).format
+    if found != expected:
+        raise EvlpError(f"{path.name} is {found}, not {expected} ({FORMAT_NAMES[expected]})")
 
 
 def bert_folder_problem(path: Path) -> str | None:
