@@ -260,6 +260,38 @@ def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
     return merged
 
 
+def stored_config(raw: dict, schema: type, where: str) -> DictConfig:
+    """A config read back from a file (a checkpoint's ``hyper_parameters``, an export's ``config.json``) merged into
+    ``schema``, without ever resolving it against anything.
+
+    evlp stores configs resolved, so an interpolation in one (``${oc.env:HF_TOKEN}``, ``${base_dir}``) can only come
+    from an edited or crafted file; resolving it could copy an environment variable into an export, a model card or
+    a hub upload. It is refused with the key that holds it.
+    """
+    found = _interpolation(raw)
+    if found is not None:
+        key, value = found
+        raise EvlpError(f"{where}: its stored config holds the interpolation {value[:80]!r} at {key}, which evlp "
+                        f"never writes (the file was edited or crafted): refused rather than resolved")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), raw)
+    except OmegaConfBaseException as e:
+        raise EvlpError(f"{where}: its stored config does not fit this evlp version's schema "
+                        f"({str(e).splitlines()[0]})") from None
+
+
+def _interpolation(node, key: str = "") -> tuple[str, str] | None:
+    """``(dotted key, value)`` of the first string in ``node`` that OmegaConf would treat as an interpolation."""
+    if isinstance(node, str):
+        return (key or "the top level", node) if "${" in node else None
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for k, value in items:
+        found = _interpolation(value, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg))
