@@ -15,12 +15,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. base_dir=/data")
 
 
+def _pretraining_config(args):
+    """The config of ``evlp train`` / ``evlp info``: a pretraining one (a fine-tuning config has another schema and
+    command)."""
+    from evlp.config import RunConfig, load_config, schema_for
+
+    if args.config and schema_for(args.config) is not RunConfig:
+        raise EvlpError(f"{args.config} is a fine-tuning config: run `evlp finetune --config {args.config} "
+                        f"model.model_path=CHECKPOINT ...`")
+    return load_config(args.config, args.overrides)
+
+
 def cmd_train(args) -> int:
-    from evlp.config import load_config
     from evlp.train.recipe import quiet_third_party_logs, run_pretraining
     from evlp.train.report import results_table
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _pretraining_config(args)
     quiet_third_party_logs()
     results = run_pretraining(cfg)
     if results:
@@ -31,10 +41,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from evlp.config import load_config
     from evlp.info import data_tokenizer, describe, format_info, info_json
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _pretraining_config(args)
     info = describe(cfg, tokenizer=data_tokenizer(cfg))
     print(info_json(info) if args.json else format_info(info))
     return 0

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -238,6 +239,27 @@ def schema_for(name: str) -> type:
     return RunConfig
 
 
+OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,15}")  # the schema is 4 levels deep
+
+
+def _shown(item: str) -> str:
+    return repr(item if len(item) <= 80 else item[:77] + "...")
+
+
+def check_override(item: str) -> None:
+    """EvlpError unless ``item`` has the ``key=value`` form: a dotted key of names, a value without control
+    characters (a newline in an argument is almost always a quoting accident, and ends up in folder names)."""
+    key, sep, _ = item.partition("=")
+    if not sep:
+        raise EvlpError(f"override {_shown(item)} is not of the form key=value (e.g. base_dir=/data)")
+    if not item.isprintable():
+        raise EvlpError(f"override {_shown(item)} contains a control character (a newline?): give one key=value "
+                        f"per argument")
+    if not OVERRIDE_KEY.fullmatch(key):
+        raise EvlpError(f"override {_shown(item)}: {_shown(key)} is not a config key (dot-separated names, e.g. "
+                        f"trainer.max_epochs)")
+
+
 def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
     """Load packaged config ``name`` (``quickstart`` when None), apply ``key=value`` overrides, validate, resolve."""
     name = (name or "quickstart").removesuffix(".yaml")
@@ -247,12 +269,15 @@ def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
     except OmegaConfBaseException as e:
         raise _explain(e, schema, f"config '{name}'") from None
     for item in overrides:
-        if "=" not in item:
-            raise EvlpError(f"override '{item}' is not of the form key=value (e.g. base_dir=/data)")
+        check_override(item)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, schema, f"override '{item}'") from None
+        except yaml.YAMLError as e:  # a tag (!!python/...), a backtick, an unclosed quote ...
+            problem = re.sub(r"\s+", " ", str(getattr(e, "problem", None) or e).splitlines()[0])[:120]
+            raise EvlpError(f"override {_shown(item)}: its value is not valid YAML ({problem}); quote it, e.g. "
+                            f"key='value'") from None
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as e:

@@ -65,12 +65,21 @@ class DataPosition(L.Callback):
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+            "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "batches_per_epoch": len(self.dataset),
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        # A position only means something in the epoch it was taken in: another dataset, batch size or number of
+        # processes makes epochs of another length (older checkpoints did not record it: then only past the end).
+        saved, now = state.get("batches_per_epoch"), len(self.dataset)
+        if (saved is not None and saved != now) or self.batches_in_epoch > now:
+            epoch = f"an epoch of {saved} batches" if saved is not None else f"epoch {self.epoch}"
+            raise EvlpError(f"resume: the checkpoint stopped after batch {self.batches_in_epoch} of {epoch}, but "
+                            f"this run's data makes epochs of {now} batches: it was saved by a run on other data or "
+                            f"with another data.batch_size or number of processes; resume with the same ones, or "
+                            f"start a new run (another run_name, no resume=)")
         self._pending_rng = {"torch_rng": state["torch_rng"], "python_rng": state["python_rng"]}
         self._configure()
 
