@@ -163,3 +163,11 @@ def test_the_command_never_prints_a_traceback_for_bad_input(tmp_path):
                              f"[touch {tmp_path / 'ran'}]"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_an_error_quoting_hostile_text_stays_one_inert_line(capsys, tmp_path):
+    """A file name can hold a newline or an ANSI escape, and errors quote file names."""
+    weird = tmp_path / "x\n\x1b[2Jevil.pt"
+    weird.write_bytes(b"")
+    err = one_line(capsys, ["weights", "check", str(weird)])
+    assert "is empty" in err and "\\x1b" in err

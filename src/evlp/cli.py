@@ -9,6 +9,13 @@ import sys
 from evlp.errors import EvlpError
 
 
+def one_line(message: str) -> str:
+    """``message`` with every control character (newline, ANSI escape, ...) written as an escape: an error quotes
+    file names, keys and values from the user or from files, and none of them may break the line or drive the
+    terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="packaged config name, e.g. training/s_smke (default: "
                         "quickstart)")
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except EvlpError as e:
-        print(f"evlp: error: {e}", file=sys.stderr)
+        print(f"evlp: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evlp: interrupted", file=sys.stderr)
