@@ -39,13 +39,9 @@ MAX_TOTAL = 2 << 40  # 2 TiB: no archive we fetch comes near it (ImageNet's larg
 _CHUNK = 1 << 20
 _TAR_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE:
               "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO",
-              tarfile.CONTTYPE: "a contiguous file", tarfile.GNUTYPE_SPARSE: "a sparse file"}
+              tarfile.GNUTYPE_SPARSE: "a sparse file"}
 _MODE_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
                stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
-
-
-class DamagedArchive(EvlpError):
-    """The archive itself is corrupt (not an attack, not a disk problem): the fix is to download it again."""
 
 
 def extraction_budget(archive: Path) -> int:
@@ -163,9 +159,10 @@ def _bomb(archive: Path, budget: int) -> EvlpError:
                      f"archive: delete it and check where it came from")
 
 
-def _damaged(archive: Path, e: BaseException) -> DamagedArchive:
+def _damaged(archive: Path, e: BaseException) -> EvlpError:
+    """The archive itself is corrupt (not an attack, not a disk problem): the fix is to download it again."""
     why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return DamagedArchive(f"{archive} is damaged ({why}): delete it and rerun to download it again")
+    return EvlpError(f"{archive} is damaged ({why}): delete it and rerun to download it again")
 
 
 def _write_error(e: OSError, archive: Path, dest: Path) -> EvlpError:

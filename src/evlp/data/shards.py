@@ -84,6 +84,7 @@ from evlp.data.imaging import size_problem
 from evlp.data.tokenizer import TextTokenizer
 from evlp.data.transforms import jpeg_size
 from evlp.errors import EvlpError
+from evlp.pretrained.files import first_line
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +521,7 @@ class ImageTextShards(IterableDataset):
         if self._reports_reading and url not in self._broken:
             self._broken.add(url)
             self._count("unreadable_shard")
-            log.warning("%s: cannot read on, skipping the rest of this shard (%s)", url, _first_line(error))
+            _warn_unreadable(url, error)
 
     def _check_shard(self, url: str) -> None:
         seen, bad = self._seen[url], self._bad[url]
@@ -588,12 +589,7 @@ def tar_samples(url: str, on_error: Callable[[str, BaseException], None] | None 
 
 
 def _warn_unreadable(url: str, error: BaseException) -> None:
-    log.warning("%s: cannot read on, skipping the rest of this shard (%s)", url, _first_line(error))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    log.warning("%s: cannot read on, skipping the rest of this shard (%s)", url, first_line(error))
 
 
 def _tar_members(f, end: int | None = None, read: bool = True) -> Iterator[tuple[str, bytes | None]]:

@@ -97,8 +97,8 @@ def register(subparsers) -> None:
 def download_weights(data_path: str | Path, base_url: str | None = None, convert: bool = False) -> list[Path]:
     """Fetch the Data2Vec2 and BEiTv2 checkpoints into ``<data_path>/models/`` (resuming partial downloads, checking
     each is whole and of the right format before it gets its name), print their sha256, and with ``convert`` also
-    write their ``.safetensors``. ``base_url`` replaces the upstream
-    locations (the file names are appended to it). Returns the checkpoint paths."""
+    write their ``.safetensors``. ``base_url`` replaces the upstream locations (the file names are appended to it).
+    Returns the checkpoint paths."""
     models = Path(data_path) / "models"
     paths = []
     for name, url in WEIGHT_URLS.items():

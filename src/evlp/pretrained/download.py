@@ -82,9 +82,9 @@ def _fetch(client: httpx.Client, url: str, part: Path, label: str, deadline: _De
     offset = part.stat().st_size if part.exists() else 0
     # Byte offsets must be those of the file itself, not of a compressed transfer of it.
     headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={offset}-"} if offset else {})
-    wait = max(0.1, min(READ_TIMEOUT_S, deadline.left()))  # no single wait may outlast the deadline
     if deadline.left() <= 0:
         raise _TooSlow
+    wait = max(0.1, min(READ_TIMEOUT_S, deadline.left()))  # no single wait may outlast the deadline
     timeout = httpx.Timeout(min(CONNECT_TIMEOUT_S, wait), read=wait)
     with client.stream("GET", url, headers=headers, timeout=timeout) as response:
         if response.status_code == 416 and offset:  # nothing left to send: the .part is whole, or not this file
