@@ -109,7 +109,8 @@ def test_hostile_checkpoints_give_no_unsafe_advice(capsys, tmp_path, how):
     else:
         torch.save(payload, path, _use_new_zipfile_serialization=how == "zip")
     for argv in (["export", str(path), "--out", str(tmp_path / "out")], ["weights", "check", str(path)],
-                 ["eval", "zeroshot", "--dataset", "imagenet", "--data-path", str(tmp_path), f"model.model_path={path}"]):
+                 ["eval", "zeroshot", "--dataset", "imagenet", "--data-path", str(tmp_path),
+                  f"model.model_path={path}"]):
         err = one_line(capsys, argv)
         assert "Invalid magic number" not in err and "file an issue" not in err, err
     assert not marker.exists()

@@ -225,8 +225,9 @@ def test_a_crafted_index_cannot_serve_system_files(served, tmp_path):
     crafted = ImageIndex(Path("/"), index.model, [FileEntry("etc/passwd", st.st_size, st.st_mtime_ns)],
                          torch.nn.functional.normalize(torch.ones(1, index.embeddings.shape[1]), dim=-1))
     crafted.save(tmp_path / "crafted.safetensors")
-    result = subprocess.run([sys.executable, "-m", "evlp.cli", "serve", "--index", str(tmp_path / "crafted.safetensors"),
-                             "--model", str(TOY_EXPORT), "--port", str(_free_port())],
+    result = subprocess.run([sys.executable, "-m", "evlp.cli", "serve", "--index",
+                             str(tmp_path / "crafted.safetensors"), "--model", str(TOY_EXPORT), "--port",
+                             str(_free_port())],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "'etc/passwd'" in result.stderr and "not an image" in result.stderr

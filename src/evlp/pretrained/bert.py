@@ -95,7 +95,8 @@ def load_bert(name_or_dir: str | Path, depth: int | None = None):
             except pickle.UnpicklingError as e:  # a pytorch_model.bin that weights_only=True refuses
                 raise unpickling_refused(_weights_file(name), e) from None
             except (RuntimeError, EOFError, ValueError) as e:  # a truncated or corrupt weights file
-                raise EvlpError(f"{name}: its weights file is unreadable ({first_line(e)}); download it again") from None
+                raise EvlpError(f"{name}: its weights file is unreadable ({first_line(e)}); download it "
+                                f"again") from None
             tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         if local:
