@@ -69,7 +69,7 @@ def test_finetune_takes_a_file_that_extends_a_fine_tuning_config(tmp_path, monke
     assert main(["finetune", "--config", "pretrain.yaml"]) == 2
     assert "extends one (`extends: fine_tuning/mrpc`)" in capsys.readouterr().err
     assert main(["train", "--config", "mrpc.yaml"]) == 2
-    assert "is a fine-tuning config: run it with evlp finetune" in capsys.readouterr().err
+    assert "is a fine-tuning config: run `evlp finetune --config mrpc.yaml" in capsys.readouterr().err
 
 
 class StudentAtStart(L.Callback):

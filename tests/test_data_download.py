@@ -1,6 +1,7 @@
 """``evlp download cc3m/cc12m`` against a threaded HTTP server on 127.0.0.1 serving every kind of good and bad
 response; the hub source with a fake ``snapshot_download``. Helpers here are shared by the other data tests."""
 
+import asyncio
 import errno
 import fnmatch
 import io
@@ -27,7 +28,7 @@ import evlp.data.hub as hub
 import evlp.data.shardwriter as shardwriter
 import evlp.data.web as web
 from evlp.data import ImageTextShards, count_samples, eval_transform, load_tokenizer
-from evlp.data.fetch import FetchOptions, opted_out, classify_error
+from evlp.data.fetch import Fetcher, FetchOptions, classify_error, opted_out
 from evlp.data.imaging import ImageOptions, Rejected, prepare_image
 from evlp.data.synthetic import write_vocab
 from evlp.data.tokenizer import TextTokenizer
@@ -125,8 +126,9 @@ BAD = {  # name -> (bytes, content type, reason)
 
 
 class Handler(BaseHTTPRequestHandler):
-    """/img/NAME, /status/CODE, /flaky/NAME (503 on the first request of each URL), /redirect/NAME, /slow/NAME,
-    /optout/NAME (X-Robots-Tag: noai), /files/NAME (server.files: archives and indexes)."""
+    """/img/NAME, /status/CODE, /flaky/NAME (503 on the first request of each URL), /redirect/NAME, /loop/NAME
+    (redirects to itself), /slow/NAME, /trickle/NAME (a byte every 0.2 s), /optout/NAME (X-Robots-Tag: noai),
+    /files/NAME (server.files: archives and indexes)."""
 
     def do_GET(self):
         server = self.server
@@ -139,9 +141,9 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "status":
             self.send_error(int(name))
             return
-        if kind == "redirect":
+        if kind in ("redirect", "loop"):
             self.send_response(302)
-            self.send_header("Location", f"/img/{name}")
+            self.send_header("Location", f"/img/{name}" if kind == "redirect" else self.path)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -150,6 +152,19 @@ class Handler(BaseHTTPRequestHandler):
             return
         if kind == "slow":
             time.sleep(SLOW_SECONDS)
+        if kind == "trickle":  # the whole body, one byte every 0.2 s: no single read waits long
+            body = GOOD[name][0][:40]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up
+            return
         if kind == "files":
             body, ctype = server.files.get(name, (None, None)), "application/octet-stream"
             body = body[0] if isinstance(body, tuple) else body
@@ -455,6 +470,23 @@ def test_error_classification():
     assert classify_error(httpx.TooManyRedirects("loop"))[0] == "redirect_loop"
     assert opted_out(["noai"]) and opted_out(["evlp: noimageai, nofollow"]) and opted_out(["a", "NoIndex"])
     assert not opted_out(["otherbot: noindex"]) and not opted_out(["nofollow"])
+
+
+def test_a_redirect_loop_and_a_trickle_are_counted_not_fatal(server):
+    """The crawler's deadline covers the whole exchange (a body trickled a byte at a time never trips a per-read
+    timeout), and a redirect loop is a reason, not an exception."""
+
+    async def fetch(path):
+        async with Fetcher(FetchOptions(timeout=2, retries=0), concurrency=2) as fetcher:
+            try:
+                await fetcher.fetch(server.url + path)
+            except Rejected as e:
+                return e.reason
+
+    start = time.monotonic()
+    assert asyncio.run(fetch("/loop/photo.jpg")) == "redirect_loop"
+    assert asyncio.run(fetch("/trickle/photo.jpg")) == "timeout"
+    assert time.monotonic() - start < 10
 
 
 def test_body_over_the_limit_is_too_large(server, tmp_path):

@@ -267,18 +267,11 @@ def _load_export(folder: Path) -> LoadedModel:
 
 def _build_and_load(model_config: dict, kd_dim: int, state: dict, tokenizer: TextTokenizer, where: Path) -> SSMKE:
     """The training code's student, randomly initialised at these sizes, then loaded strictly with ``state``."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from evlp.config import ModelConfig
+    from evlp.config import ModelConfig, stored_config
     from evlp.models.build import build_student
     from evlp.pretrained.towers import load_exact
 
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_config)
-    except OmegaConfBaseException as e:
-        reason = str(e).splitlines()[0]
-        raise EvlpError(f"{where}: its model config does not fit this evlp version ({reason})") from None
+    cfg = stored_config(model_config, ModelConfig, str(where))
     model = build_student(cfg, kd_dim=kd_dim, tokenizer=tokenizer.tokenizer, load_weights=False)
     load_exact(model, state, f"{where} (the model its config describes)")
     return model.eval()

@@ -80,7 +80,8 @@ def cmd_search(args) -> int:
 def cmd_serve(args) -> int:
     from evlp.serve import serve
 
-    serve(args.index, model=args.model, device=_device(args.device), host=args.host, port=args.port)
+    serve(args.index, model=args.model, device=_device(args.device), host=args.host, port=args.port,
+          allow_hosts=args.allow_host)
     return 0
 
 
@@ -134,5 +135,8 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                        "only)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="a Host name the page also answers to (repeatable); by default only localhost, "
+                            "127.0.0.1, [::1] and the --host address, which blocks DNS-rebinding pages")
     serve.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     serve.set_defaults(handler=cmd_serve)

@@ -9,6 +9,13 @@ import sys
 from evlp.errors import EvlpError
 
 
+def one_line(message: str) -> str:
+    """``message`` with every control character (newline, ANSI escape, ...) written as an escape: an error quotes
+    file names, keys and values from the user or from files, and none of them may break the line or drive the
+    terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="packaged config name, e.g. training/s_smke (default: "
                         "quickstart), or a YAML file of your own (my.yaml; `extends: training/s_smke` in it starts "
@@ -16,14 +23,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. base_dir=/data")
 
 
-def cmd_train(args) -> int:
+def _pretraining_config(args):
+    """The config of ``evlp train`` / ``evlp info``: a pretraining one (a fine-tuning config has another schema and
+    command)."""
     from evlp.config import config_root, load_config
+
+    if (config_root(args.config) or "").startswith("fine_tuning/"):
+        raise EvlpError(f"--config {args.config} is a fine-tuning config: run `evlp finetune --config {args.config} "
+                        f"model.model_path=CHECKPOINT ...`")
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
     from evlp.train.recipe import quiet_third_party_logs, run_pretraining
     from evlp.train.report import results_table
 
-    if (config_root(args.config) or "").startswith("fine_tuning/"):
-        raise EvlpError(f"--config {args.config} is a fine-tuning config: run it with evlp finetune")
-    cfg = load_config(args.config, args.overrides)
+    cfg = _pretraining_config(args)
     quiet_third_party_logs()
     results = run_pretraining(cfg)
     if results:
@@ -34,10 +49,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from evlp.config import load_config
     from evlp.info import data_tokenizer, describe, format_info, info_json
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _pretraining_config(args)
     info = describe(cfg, tokenizer=data_tokenizer(cfg))
     print(info_json(info) if args.json else format_info(info))
     return 0
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except EvlpError as e:
-        print(f"evlp: error: {e}", file=sys.stderr)
+        print(f"evlp: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evlp: interrupted", file=sys.stderr)

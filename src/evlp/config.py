@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -247,6 +248,27 @@ def schema_for(name: str) -> type:
     return RunConfig
 
 
+OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,15}")  # the schema is 4 levels deep
+
+
+def _shown(item: str) -> str:
+    return repr(item if len(item) <= 80 else item[:77] + "...")
+
+
+def check_override(item: str) -> None:
+    """EvlpError unless ``item`` has the ``key=value`` form: a dotted key of names, a value without control
+    characters (a newline in an argument is almost always a quoting accident, and ends up in folder names)."""
+    key, sep, _ = item.partition("=")
+    if not sep:
+        raise EvlpError(f"override {_shown(item)} is not of the form key=value (e.g. base_dir=/data)")
+    if not item.isprintable():
+        raise EvlpError(f"override {_shown(item)} contains a control character (a newline?): give one key=value "
+                        f"per argument")
+    if not OVERRIDE_KEY.fullmatch(key):
+        raise EvlpError(f"override {_shown(item)}: {_shown(key)} is not a config key (dot-separated names, e.g. "
+                        f"trainer.max_epochs)")
+
+
 EXTENDS = "extends"
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -312,17 +334,52 @@ def load_config(name: Optional[str], overrides: List[str] = ()) -> DictConfig:
         except OmegaConfBaseException as e:
             raise _explain(e, schema, origin) from None
     for item in overrides:
-        if "=" not in item:
-            raise EvlpError(f"override '{item}' is not of the form key=value (e.g. base_dir=/data)")
+        check_override(item)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, schema, f"override '{item}'") from None
+        except yaml.YAMLError as e:  # a tag (!!python/...), a backtick, an unclosed quote ...
+            problem = re.sub(r"\s+", " ", str(getattr(e, "problem", None) or e).splitlines()[0])[:120]
+            raise EvlpError(f"override {_shown(item)}: its value is not valid YAML ({problem}); quote it, e.g. "
+                            f"key='value'") from None
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as e:
         raise EvlpError(f"config '{name}' does not resolve: {str(e).splitlines()[0]}") from None
     return merged
+
+
+def stored_config(raw: dict, schema: type, where: str) -> DictConfig:
+    """A config read back from a file (a checkpoint's ``hyper_parameters``, an export's ``config.json``) merged into
+    ``schema``, without ever resolving it against anything.
+
+    evlp stores configs resolved, so an interpolation in one (``${oc.env:HF_TOKEN}``, ``${base_dir}``) can only come
+    from an edited or crafted file; resolving it could copy an environment variable into an export, a model card or
+    a hub upload. It is refused with the key that holds it.
+    """
+    found = _interpolation(raw)
+    if found is not None:
+        key, value = found
+        raise EvlpError(f"{where}: its stored config holds the interpolation {value[:80]!r} at {key}, which evlp "
+                        f"never writes (the file was edited or crafted): refused rather than resolved")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), raw)
+    except OmegaConfBaseException as e:
+        raise EvlpError(f"{where}: its stored config does not fit this evlp version's schema "
+                        f"({str(e).splitlines()[0]})") from None
+
+
+def _interpolation(node, key: str = "") -> tuple[str, str] | None:
+    """``(dotted key, value)`` of the first string in ``node`` that OmegaConf would treat as an interpolation."""
+    if isinstance(node, str):
+        return (key or "the top level", node) if "${" in node else None
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for k, value in items:
+        found = _interpolation(value, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -103,10 +103,22 @@ class ImageIndex:
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise EvlpError(f"{path} has index format version {meta.get('format_version')}; this evlp reads "
                             f"version {INDEX_FORMAT_VERSION}: rebuild it with `evlp index`")
-        files = [FileEntry(*row) for row in meta["files"]]
-        unreadable = {row[0]: FileEntry(*row[:3]) for row in meta["unreadable"]}
-        errors = {row[0]: row[3] for row in meta["unreadable"]}
-        return cls(Path(meta["root"]), meta["model"], files, embeddings, unreadable, errors)
+        try:
+            files = [_entry(row, 3) for row in meta["files"]]
+            unreadable = {row[0]: _entry(row, 4) for row in meta["unreadable"]}
+            errors = {row[0]: str(row[3]) for row in meta["unreadable"]}
+            root, model = Path(meta["root"]), dict(meta["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EvlpError(f"{path} is not an evlp image index (its metadata is malformed: {e})") from None
+        # An index is data that may come from elsewhere: a row can only name what `evlp index` would have listed
+        # (an image file below the folder), so that no reader, `evlp serve` included, is pointed at other files.
+        odd = next((f.path for f in [*files, *unreadable.values()] if not is_indexable(f.path)), None)
+        if not root.is_absolute() or odd is not None:
+            what = f"lists {odd!r}, which is not an image file below its folder" if odd else f"has root {root}"
+            raise EvlpError(f"{path} {what}: not an index built by `evlp index`; rebuild it with `evlp index`")
+        if len(files) != len(embeddings):
+            raise EvlpError(f"{path} has {len(files)} files but {len(embeddings)} embeddings: rebuild it")
+        return cls(root, model, files, embeddings, unreadable, errors)
 
     def search(self, queries: torch.Tensor, top: int = 10) -> list[list[tuple[int, float]]]:
         """For each of the (Q, D) queries, the ``top`` rows ``(row, cosine)`` best first."""
@@ -135,6 +147,24 @@ def _faiss():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building and updating
+
+
+def is_indexable(rel: str) -> bool:
+    """Whether ``rel`` (a path relative to an index's folder) is one ``scan_images`` could list: relative, no
+    ``..``, no hidden part, an image suffix."""
+    parts = rel.split("/")
+    return (bool(rel) and not rel.startswith("/")
+            and all(part not in ("", ".", "..") and not part.startswith(".") for part in parts)
+            and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _entry(row, width: int) -> FileEntry:
+    if not isinstance(row, list) or len(row) != width:
+        raise ValueError(f"a row {str(row)[:80]} is not [path, size, mtime_ns{', error' if width == 4 else ''}]")
+    path, size, mtime_ns = row[:3]
+    if not isinstance(path, str) or not isinstance(size, int) or not isinstance(mtime_ns, int):
+        raise ValueError(f"a row {str(row)[:80]} is not [path, size, mtime_ns]")
+    return FileEntry(path, size, mtime_ns)
 
 
 def scan_images(root: Path) -> dict[str, FileEntry]:

@@ -5,30 +5,58 @@
 * a text box: the best-matching indexed images as a grid, with their cosine scores;
 * an image upload and a comma-separated list of classes: the zero-shot probability of each class.
 
-Only files recorded in the index are ever served, looked up by row number and checked to lie inside the indexed
-folder, so no request path can reach any other file. Uploads are capped at ``max_upload_bytes`` and must decode as
-an image. It listens on 127.0.0.1 by default: there is no authentication, so expose it to a network deliberately.
+Only files recorded in the index are ever served, looked up by row number, checked to lie inside the indexed
+folder and to be unchanged since they were indexed (size and mtime), so no request path can reach any other file;
+``ImageIndex.load`` refuses an index whose rows are not image files below its folder. Uploads are capped at
+``max_upload_bytes`` and must decode as an image. Validation errors never echo the request back.
+
+It listens on 127.0.0.1 by default and answers only requests whose ``Host`` is ``localhost``, ``127.0.0.1`` or
+``[::1]`` (any port), the address it was told to listen on, or a name passed with ``--allow-host``; anything else
+gets 421. This stops DNS rebinding: a hostile web page whose name resolves to 127.0.0.1 would otherwise let the
+visitor's browser query the model and read the indexed photos. There is no authentication, so expose the page to a
+network deliberately (``--host 0.0.0.0 --allow-host my-machine.lan``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures, whose types are imported inside
 # create_app (FastAPI is an optional extra).
 import io
 import os
+import re
 import threading
 from pathlib import Path
 
 from evlp.api import DEFAULT_TEMPLATES, LoadedModel, class_probabilities, load_model
 from evlp.errors import EvlpError
-from evlp.search import ImageIndex, search_text
+from evlp.search import FileEntry, ImageIndex, is_indexable, search_text
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 50_000_000  # larger images are refused before decoding (PIL's bomb check warns only at 89M)
 MAX_CLASSES = 200
 MAX_TOP = 200
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "[::]"})
+_HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::\d{1,5})?")
 
 
-def create_app(loaded: LoadedModel, index: ImageIndex, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+def host_name(header: str | None) -> str | None:
+    """The name of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower-cased; None when malformed."""
+    match = _HOST.fullmatch(header or "")
+    return match.group(1).lower() if match else None
+
+
+def allowed_hosts(listen: str = "127.0.0.1", extra=()) -> frozenset[str]:
+    """The Host names the page answers to: the loopback names, the address it listens on (unless a wildcard) and
+    the names the user allowed explicitly."""
+    names = {*LOCAL_HOSTS, *(name.strip().lower() for name in extra)}
+    if listen not in WILDCARD_ADDRESSES:
+        names.add(f"[{listen}]" if ":" in listen and not listen.startswith("[") else listen.lower())
+    return frozenset(names)
+
+
+def create_app(loaded: LoadedModel, index: ImageIndex, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               hosts: frozenset[str] = allowed_hosts()):
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
     from PIL import Image
 
@@ -36,6 +64,13 @@ def create_app(loaded: LoadedModel, index: ImageIndex, max_upload_bytes: int = M
     root = index.root.resolve()
     row_of = {f.path: i for i, f in enumerate(index.files)}
     model_lock = threading.Lock()  # requests run in a thread pool; one forward pass at a time
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        # FastAPI's default echoes the offending input (a 60,000-character query comes back whole): say where and
+        # what only.
+        details = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:200]} for e in error.errors()[:5]]
+        return JSONResponse({"detail": details}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -51,10 +86,15 @@ def create_app(loaded: LoadedModel, index: ImageIndex, max_upload_bytes: int = M
     def image(row: int):
         if not 0 <= row < len(index):
             raise HTTPException(404, "no such image")
-        path = (root / index.files[row].path).resolve()
-        # An index file is data: a row naming '../x' or a link out of the folder must not expose other files.
-        if not path.is_relative_to(root) or not path.is_file():
+        entry = index.files[row]
+        path = (root / entry.path).resolve()
+        # An index file is data: a row naming '../x' or a link out of the folder must not expose other files, and
+        # a file is served only as it was indexed (the same size and mtime), not whatever took its name since.
+        if not is_indexable(entry.path) or not path.is_relative_to(root) or not path.is_file():
             raise HTTPException(404, "no such image")
+        st = path.stat()
+        if not entry.same_file(FileEntry(entry.path, st.st_size, st.st_mtime_ns)):
+            raise HTTPException(404, "this file changed since it was indexed: rerun evlp index")
         return FileResponse(path)
 
     @app.middleware("http")
@@ -67,6 +107,13 @@ def create_app(loaded: LoadedModel, index: ImageIndex, max_upload_bytes: int = M
                 return JSONResponse({"detail": "uploads need a Content-Length"}, status_code=411)
             if int(declared) > max_upload_bytes + 64 * 1024:  # the file plus the multipart envelope
                 return JSONResponse({"detail": f"upload larger than {max_upload_bytes:,} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.middleware("http")  # added last, so it runs first: nothing is read or computed for another name
+    async def check_host(request: Request, call_next):
+        if host_name(request.headers.get("host")) not in hosts:
+            return JSONResponse({"detail": "this page answers to localhost only (evlp serve --allow-host NAME adds "
+                                           "a name)"}, status_code=421)
         return await call_next(request)
 
     @app.post("/api/classify")
@@ -98,8 +145,9 @@ def create_app(loaded: LoadedModel, index: ImageIndex, max_upload_bytes: int = M
 
 
 def serve(index_path: str | os.PathLike, model: str | None = None, device: str = "cpu", host: str = "127.0.0.1",
-          port: int = 8000) -> None:
-    """Load the index and its model (or ``model``) and serve the page until interrupted."""
+          port: int = 8000, allow_hosts=()) -> None:
+    """Load the index and its model (or ``model``) and serve the page until interrupted; ``allow_hosts`` are the
+    Host names it answers to besides the loopback ones and ``host``."""
     try:
         import uvicorn
     except ImportError:
@@ -109,7 +157,8 @@ def serve(index_path: str | os.PathLike, model: str | None = None, device: str =
     if not Path(index.root).is_dir():
         raise EvlpError(f"the indexed folder {index.root} does not exist any more; rebuild the index")
     print(f"serving {len(index)} images from {index.root} on http://{host}:{port}")
-    uvicorn.run(create_app(loaded, index), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(loaded, index, hosts=allowed_hosts(host, allow_hosts)), host=host, port=port,
+                log_level="warning")
 
 
 # Plain HTML and JavaScript, no external resources; results are inserted with textContent (never as HTML), so a

@@ -171,7 +171,11 @@ def download_cifar(data_path: str | os.PathLike, name: str, base_url: str | None
                         f"download was deleted: rerun, or point data.download_url at another mirror")
     staging = root / ".extracting"
     shutil.rmtree(staging, ignore_errors=True)
-    extract_tar(archive, staging)
+    try:
+        extract_tar(archive, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-extracted left behind
+        raise
     extracted = staging / layout.folder
     missing = [f for f in (*layout.train, *layout.test) if not (extracted / f).is_file()]
     if missing:

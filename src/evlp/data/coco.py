@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from evlp.data.archives import extract_zip
@@ -125,14 +126,22 @@ def _download(base_url: str, name: str, root: Path) -> Path:
 
 def _extract_folder(archive: Path, root: Path, name: str) -> None:
     """Extract ``archive`` (whose top folder is ``name``) into ``root/name``, which appears only when complete."""
-    tmp = root / f".{name}.extracting"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    extract_zip(archive, tmp)
-    if not (tmp / name).is_dir():
-        raise EvlpError(f"{archive} has no top folder {name}/: not the expected archive")
-    os.replace(tmp / name, root / name)
-    shutil.rmtree(tmp)
+    with _staging(root / f".{name}.extracting") as tmp:
+        extract_zip(archive, tmp)
+        if not (tmp / name).is_dir():
+            raise EvlpError(f"{archive} has no top folder {name}/: not the expected archive")
+        os.replace(tmp / name, root / name)
+
+
+@contextmanager
+def _staging(tmp: Path) -> Iterator[Path]:
+    """An empty folder to extract into, removed afterwards whether or not the extraction succeeded (a failed one
+    leaves nothing that a rerun would trip over)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _karpathy_json(root: Path, member: str, base_url: str | None, keep_archives: bool) -> Path:
@@ -140,12 +149,9 @@ def _karpathy_json(root: Path, member: str, base_url: str | None, keep_archives:
     if target.is_file():
         return target
     archive = _download(base_url or KARPATHY_BASE_URL, "caption_datasets.zip", root)
-    tmp = root / ".karpathy.extracting"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    extract_zip(archive, tmp, members=[member])
-    os.replace(tmp / member, target)
-    shutil.rmtree(tmp)
+    with _staging(root / ".karpathy.extracting") as tmp:
+        extract_zip(archive, tmp, members=[member])
+        os.replace(tmp / member, target)
     if not keep_archives:
         archive.unlink()
     return target

@@ -8,8 +8,8 @@ downloaders count per shard; it never lets a decoder error escape. The reasons:
     too_small      shorter side below ``min_size`` (the default 2 drops the 1-pixel placeholders of removed images)
     too_large      more pixels than ``max_pixels`` (decompression bombs; Pillow's own limit by default)
 
-Everything else is converted: CMYK, palette, transparency (composited on white by ``to_rgb``), 16-bit greyscale,
-EXIF rotation (applied, since the metadata is not kept).
+Everything else is converted: CMYK, palette, transparency (composited on white by ``to_rgb``), 16-bit greyscale
+(scaled by ``to_rgb``), EXIF rotation (applied, since the metadata is not kept).
 """
 
 from __future__ import annotations
@@ -31,12 +31,26 @@ class Rejected(Exception):
         self.reason = reason
 
 
+MIN_SIZE = 2  # the shorter side below which an image is a placeholder, not a picture
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own bomb limit (it only warns up to twice this)
+
+
+def size_problem(width: int, height: int, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS) -> str | None:
+    """``too_small``, ``too_large`` or None for an image of this size (from its header, before decoding): the
+    limits of ``data convert``, which the training loader applies as well."""
+    if min(width, height) < min_size:
+        return "too_small"
+    if width * height > max_pixels:
+        return "too_large"
+    return None
+
+
 @dataclass(frozen=True)
 class ImageOptions:
     size: int = 256  # shorter side after resizing (never enlarged); 0 keeps the original size
-    min_size: int = 2
+    min_size: int = MIN_SIZE
     quality: int = 95
-    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         if self.size < 0 or self.min_size < 1 or not 1 <= self.quality <= 100 or self.max_pixels < 1:
@@ -71,10 +85,9 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
         raise Rejected("decode_error", f"{type(e).__name__}: {e}") from e
     with image:
         width, height = image.size
-        if min(width, height) < options.min_size:
-            raise Rejected("too_small", f"{width}x{height}")
-        if width * height > options.max_pixels:
-            raise Rejected("too_large", f"{width}x{height}")
+        problem = size_problem(width, height, options.min_size, options.max_pixels)
+        if problem:
+            raise Rejected(problem, f"{width}x{height}")
         original_format = image.format or "unknown"
         try:
             rgb = _decode_rgb(image, options.size)
@@ -94,11 +107,7 @@ def _decode_rgb(image: Image.Image, size: int) -> Image.Image:
         if short > size:
             image.draft(None, (image.width * size // short, image.height * size // short))
     image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: Pillow's conversion to 8 bits clips instead of scaling, which would turn it white.
-        image = image.convert("I").point(lambda v: v / 256).convert("L")
-    return to_rgb(image)
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -42,25 +42,34 @@ per source: a folder, brace pattern or list of shards) makes it a weighted mixtu
 Evaluation (``train=False``): every sample once, in shard order, the last batch possibly partial, no randomness and
 no rank split. Worker ``w`` decodes batches ``w, w + num_workers, ...`` of the common stream.
 
-A sample without a readable image or caption is skipped and counted (``num_bad``, per process), with a warning for
-any shard where more than ``max_bad_fraction`` of the samples are bad. A training batch whose image fails to decode
-only after passing the cheap header check is filled up with a copy of another sample of the same batch, which
-keeps the batch size and the resume positions intact.
+A sample the loader cannot use is skipped and counted by reason (``skipped()``, ``SKIP_REASONS``): no image or no
+caption, not an image, an image that fails to decode, and the size limits of ``data convert`` read from the image's
+header before any pixel is decoded (a shorter side under 2 pixels, more than Pillow's 89 Mpx). A shard that cannot
+be read on (a truncated file, a malformed tar header such as a size field of 2^70) ends after the samples before the
+damage, with a warning naming it, and counts once as ``unreadable_shard``. The counts of every DataLoader worker
+reach the main process (``make_loader`` shares them). A warning also names any shard where more than
+``max_bad_fraction`` of the samples are bad. A training batch whose image fails to decode only after passing the
+cheap header check is filled up with a copy of another sample of the same batch, which keeps the batch size and the
+resume positions intact.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
 import itertools
-import re
-import struct
 import json
 import logging
+import lzma
 import math
 import os
 import random
+import re
+import struct
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -71,15 +80,22 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import base_plus_ext, tarfile_samples
 
+from evlp.data.imaging import size_problem
 from evlp.data.tokenizer import TextTokenizer
 from evlp.data.transforms import jpeg_size
 from evlp.errors import EvlpError
+from evlp.pretrained.files import first_line
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "text", "caption")
 MAX_FAILED_BATCHES = 10  # whole training batches in a row with no decodable image before we give up on the data
+# Why a sample (or, for the first, the rest of a shard) was skipped; the image reasons are data convert's.
+SKIP_REASONS = ("unreadable_shard", "missing_image", "missing_caption", "not_an_image", "decode_error", "too_small",
+                "too_large")
+# What reading a damaged tar can raise: tarfile's errors, a cut or corrupt compressed stream, a malformed number.
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, zlib.error, lzma.LZMAError)
 
 
 def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
@@ -129,14 +145,29 @@ def _count_tar(url: str) -> int:
         raise EvlpError(f"shard {url} not found")
     keys = set()
     try:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                prefix, _ = base_plus_ext(member.name)
-                if member.isreg() and prefix is not None and not os.path.basename(member.name).startswith("__"):
+        with open(url, "rb") as f, _decompressed(f) as stream:
+            end = os.fstat(f.fileno()).st_size if stream is f else None
+            for name, _ in _tar_members(stream, end, read=False):  # headers only: the contents are skipped
+                prefix, _ = base_plus_ext(name)
+                if prefix is not None and not os.path.basename(name).startswith("__"):
                     keys.add(prefix)
-    except (tarfile.TarError, OSError) as e:
+    except TAR_ERRORS as e:
         log.warning("%s: unreadable past %d samples (%s)", url, len(keys), e)
     return len(keys)
+
+
+def _decompressed(f):
+    """``f`` itself for a plain tar, else a stream of its decompressed bytes (gzip, bzip2, xz)."""
+    head = f.peek(6)[:6]
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=f)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(f)
+    if head.startswith(b"\xfd7zXZ"):
+        return lzma.LZMAFile(f)
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        raise tarfile.CompressionError("zstd-compressed tar: give num_samples, or a stats.json next to the shards")
+    return f
 
 
 def check_weights(weights: Sequence[float], num_sources: int, name: str = "weights") -> list[float]:
@@ -233,13 +264,35 @@ class ImageTextShards(IterableDataset):
                     raise
         self.num_samples = num_samples  # None only for evaluation over shards that cannot be counted
         self.epoch, self.start_batch, self.rank, self.world_size = 0, 0, 0, 1
-        # Bad-sample bookkeeping; each DataLoader worker keeps its own copy.
-        self.num_bad = 0
+        # Skipped samples by reason: one row per DataLoader worker (make_loader shares the table with them).
+        self._skips = torch.zeros((1, len(SKIP_REASONS)), dtype=torch.long)
+        # Per-shard bookkeeping for the warnings; each DataLoader worker keeps its own copy.
         self._seen: Counter[str] = Counter()
         self._bad: Counter[str] = Counter()
         self._read: set[str] = set()  # shards read to the end at least once
         self._warned: set[str] = set()
+        self._broken: set[str] = set()  # shards that could not be read to the end
+        self._reports_reading = True
         self._seed_names: dict[str, str] = {}
+
+    def share_skip_counts(self, num_workers: int) -> None:
+        """Put the skip counts in shared memory with a row for each of ``num_workers`` DataLoader workers, so that
+        what the workers count reaches this process (call before the loader starts its workers)."""
+        rows = max(1, num_workers)
+        if self._skips.shape[0] != rows or not self._skips.is_shared():
+            table = torch.zeros((rows, len(SKIP_REASONS)), dtype=torch.long)
+            table[0] = self._skips.sum(0)  # what earlier loaders counted
+            self._skips = table.share_memory_()
+
+    def skipped(self) -> dict[str, int]:
+        """How many samples were skipped so far, by reason (nonzero reasons only); ``unreadable_shard`` counts
+        shards cut short, whose remaining samples are unknown."""
+        return {reason: n for reason, n in zip(SKIP_REASONS, self._skips.sum(0).tolist()) if n}
+
+    @property
+    def num_bad(self) -> int:
+        """Samples skipped so far (unreadable shards not included)."""
+        return sum(n for reason, n in self.skipped().items() if reason != "unreadable_shard")
 
     def configure(self, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
         """Set the epoch, the batch to resume from, and this process's DDP rank. Call before iter(); evaluation
@@ -270,6 +323,9 @@ class ImageTextShards(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # In evaluation every worker reads the whole stream (and decodes only its own batches): worker 0 alone
+        # reports what reading finds, so that nothing is counted twice.
+        self._reports_reading = self.train or worker == 0
         if self.train:
             return self._train_batches(worker, num_workers)
         return self._eval_batches(worker, num_workers)
@@ -372,14 +428,15 @@ class ImageTextShards(IterableDataset):
         all samples of all shards). Checks only what is cheap: an image whose header parses and a caption."""
         position = -1
         for url in shards:
-            for sample in tar_samples(url):
+            for sample in tar_samples(url, on_error=self._unreadable):
                 position += 1
                 if select is not None and position % select[1] != select[0]:
                     continue
                 self._seen[url] += 1
                 record = _to_record(sample, url, pass_)
-                if record is None:
-                    self._count_bad(url, f"{url}: sample {sample.get('__key__')} has no readable image or caption")
+                if isinstance(record, str):
+                    if self._reports_reading:
+                        self._count_bad(url, record, f"sample {sample.get('__key__')}")
                     continue
                 yield record
             self._read.add(url)
@@ -409,7 +466,7 @@ class ImageTextShards(IterableDataset):
                     with Image.open(io.BytesIO(r["image"])) as image:
                         images.append(self.transform(image))
             except Exception as e:  # any decoder or transform failure: the sample is bad, the run goes on
-                self._count_bad(r["url"], f"{r['url']}: sample {r['key']}: {type(e).__name__}: {e}")
+                self._count_bad(r["url"], "decode_error", f"sample {r['key']}: {type(e).__name__}: {e}")
                 continue
             kept.append(r)
         if self.train:
@@ -448,11 +505,23 @@ class ImageTextShards(IterableDataset):
         text = f"{self.seed}/{self.epoch}/{record['pass']}/{source}/{record['key']}"
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
-    def _count_bad(self, url: str, why: str) -> None:
-        self.num_bad += 1
+    def _count(self, reason: str) -> None:
+        info = get_worker_info()
+        row = info.id if info is not None and info.id < self._skips.shape[0] else 0
+        self._skips[row, SKIP_REASONS.index(reason)] += 1
+
+    def _count_bad(self, url: str, reason: str, what: str) -> None:
+        self._count(reason)
         self._bad[url] += 1
-        log.debug("skipping bad sample: %s", why)
+        log.debug("%s: skipping %s (%s)", url, what, reason)
         self._check_shard(url)
+
+    def _unreadable(self, url: str, error: BaseException) -> None:
+        # Once per shard: a slot that reads its data again meets the damage again.
+        if self._reports_reading and url not in self._broken:
+            self._broken.add(url)
+            self._count("unreadable_shard")
+            _warn_unreadable(url, error)
 
     def _check_shard(self, url: str) -> None:
         seen, bad = self._seen[url], self._bad[url]
@@ -466,31 +535,39 @@ class ImageTextShards(IterableDataset):
 
 _BLOCK = 512
 _END_BLOCK = bytes(_BLOCK)
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 _META = re.compile(r"__[^/]*__($|/)")
 
 
-def tar_samples(url: str) -> Iterator[dict]:
+def tar_samples(url: str, on_error: Callable[[str, BaseException], None] | None = None) -> Iterator[dict]:
     """The samples of one shard, grouped as WebDataset's ``tarfile_samples`` groups them: ``{"__key__": "dir/name",
     "__url__": url, "<ext>": bytes, ...}`` for each run of members named ``dir/name.<ext>`` (extensions lower-cased,
     ``__...__`` members skipped, a repeated extension ignored).
 
-    A plain local tar is read by a minimal ustar/pax/GNU reader: Python's ``tarfile`` spends ~0.1 ms per member
-    parsing headers, more than a third of the time it takes to decode a 256-px JPEG. Compressed tars and URLs
-    (``pipe:``, ``http:``, ...) go through WebDataset. A shard that cannot be read on ends with a warning, after the
-    samples read so far."""
+    A local tar (plain, gzip, bzip2 or xz) is read by a minimal ustar/pax/GNU reader that checks each header's size
+    against what the file holds (``_tar_members``); it is also fast: Python's ``tarfile`` spends ~0.1 ms per member
+    parsing headers, more than a third of the time it takes to decode a 256-px JPEG. URLs (``pipe:``, ``http:``,
+    ...) and zstd go through WebDataset. A shard that cannot be read on ends after the samples read so far, with
+    ``on_error(url, exception)`` (by default a warning)."""
+    report = on_error or _warn_unreadable
+
+    def handler(exn: Exception) -> bool:  # WebDataset's: report, then stop reading this shard
+        report(url, exn)
+        return False
+
     try:
         f = open(url, "rb", buffering=1 << 20)
     except OSError:  # not a local file (or missing): WebDataset opens it, or warns why it cannot
-        yield from tarfile_samples([dict(url=url)], handler=_tar_error_handler)
+        yield from tarfile_samples([dict(url=url)], handler=handler)
         return
     with f:
-        if f.peek(6)[:6].startswith(_COMPRESSED):
-            yield from tarfile_samples([dict(url=url)], handler=_tar_error_handler)
+        try:
+            stream = _decompressed(f)
+        except tarfile.CompressionError:
+            yield from tarfile_samples([dict(url=url)], handler=handler)
             return
         sample = None
         try:
-            for name, data in _tar_members(f):
+            for name, data in _tar_members(stream, end=os.fstat(f.fileno()).st_size if stream is f else None):
                 if _META.match(name) or ("/" not in name and name.startswith("__") and name.endswith("__")):
                     continue
                 prefix, suffix = base_plus_ext(name)
@@ -505,14 +582,21 @@ def tar_samples(url: str) -> Iterator[dict]:
                     log.warning("%s: duplicate member %s, ignored", url, name)
                     continue
                 sample[suffix] = data
-        except (tarfile.TarError, OSError, ValueError) as e:
-            _tar_error_handler(tarfile.ReadError(f"{e} @ {url}"))
+        except TAR_ERRORS as e:
+            report(url, e)
         if sample is not None:
             yield sample
 
 
-def _tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """``(name, content)`` of the regular files of an uncompressed tar stream, in order."""
+def _warn_unreadable(url: str, error: BaseException) -> None:
+    log.warning("%s: cannot read on, skipping the rest of this shard (%s)", url, first_line(error))
+
+
+def _tar_members(f, end: int | None = None, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, content)`` of the regular files of an uncompressed tar stream, in order (content None when not
+    ``read``: it is skipped). A header is untrusted: the size it declares must fit in what the file still holds
+    (``end``, its size, when known) before anything is read, and contents are read in bounded chunks, so a size
+    field of 2^70 or 100 GB is a ``HeaderError``, never a huge allocation."""
     long_name, pax = None, {}
     while True:
         header = f.read(_BLOCK)
@@ -525,7 +609,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
             struct.unpack_from("148b8x356b", header)  # some old tars sum signed bytes (tarfile accepts both)
         ):
             raise tarfile.HeaderError("bad checksum")
-        kind, size = header[156:157], _tar_number(header[124:136])
+        kind, size = header[156:157], _checked_size(_tar_number(header[124:136]), f, end, header)
         if kind in (b"x", b"g", b"L", b"K"):  # pax / GNU headers describing the next member
             data = _read_exactly(f, _padded(size))[:size]
             if kind == b"x":
@@ -538,27 +622,64 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
         if prefix:
             name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         name = pax.get("path") or long_name or name
-        size = int(pax["size"]) if "size" in pax else size
+        size = _checked_size(int(pax["size"]), f, end, header) if "size" in pax else size
         long_name, pax = None, {}
         if kind in (b"0", b"\0", b"7") and not name.endswith("/"):
-            data = _read_exactly(f, size)
-            f.seek(_padded(size) - size, os.SEEK_CUR)
+            if read:
+                data = _read_exactly(f, size)
+                _skip(f, _padded(size) - size)
+            else:
+                data = None
+                _skip(f, _padded(size))
             yield name, data
         elif kind in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links, devices, directories, fifos: no content
             continue
         else:
-            f.seek(_padded(size), os.SEEK_CUR)
+            _skip(f, _padded(size))
+
+
+def _checked_size(size: int, f, end: int | None, header: bytes) -> int:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if size < 0:
+        raise tarfile.HeaderError(f"member {name!r} has a negative size ({size})")
+    if end is not None and size > end - f.tell():
+        raise tarfile.HeaderError(f"member {name!r} claims {size:,} bytes, more than the {end - f.tell():,} left in "
+                                  f"the file")
+    return size
 
 
 def _padded(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
+_READ_CHUNK = 16 << 20
+
+
 def _read_exactly(f, size: int) -> bytes:
-    data = f.read(size)
+    if size <= _READ_CHUNK:
+        data = f.read(size)
+    else:  # in chunks: memory follows the bytes that actually arrive, not the size a header claims
+        parts, left = [], size
+        while left and (part := f.read(min(left, _READ_CHUNK))):
+            parts.append(part)
+            left -= len(part)
+        data = b"".join(parts)
     if len(data) < size:
         raise tarfile.ReadError("unexpected end of data")
     return data
+
+
+def _skip(f, size: int) -> None:
+    if size == 0:
+        return
+    if f.seekable() and not isinstance(f, (gzip.GzipFile, bz2.BZ2File, lzma.LZMAFile)):
+        f.seek(size, os.SEEK_CUR)  # a plain file: its size was checked against the header already
+        return
+    while size:  # a decompressed stream: read through, stopping at its end
+        part = f.read(min(size, _READ_CHUNK))
+        if not part:
+            raise tarfile.ReadError("unexpected end of data")
+        size -= len(part)
 
 
 def _tar_number(field: bytes) -> int:
@@ -586,25 +707,31 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _tar_error_handler(exn: Exception) -> bool:
-    log.warning("cannot read on in a shard, skipping the rest of it: %s", exn)
-    return True
-
-
-def _to_record(sample: dict, url: str, pass_: int) -> dict | None:
-    """The fields we use from a raw WebDataset sample, or None when it has no parsable image or no caption."""
+def _to_record(sample: dict, url: str, pass_: int) -> dict | str:
+    """The fields we use from a raw WebDataset sample, or the reason (one of ``SKIP_REASONS``) it cannot be used:
+    checked from the caption and the image's header only, nothing is decoded."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     text_ext = next((e for e in TEXT_EXTENSIONS if e in sample), None)
-    if image_ext is None or text_ext is None:
-        return None
+    if image_ext is None:
+        return "missing_image"
     try:
-        caption = sample[text_ext].decode("utf-8").strip()
-        if jpeg_size(sample[image_ext]) is None:  # a JPEG's frame header is read in microseconds, else by PIL:
-            Image.open(io.BytesIO(sample[image_ext]))  # the header only, which rejects non-images without decoding
-    except Exception:
-        return None
+        caption = sample[text_ext].decode("utf-8").strip() if text_ext is not None else ""
+    except UnicodeDecodeError:
+        caption = ""
     if not caption:
-        return None
+        return "missing_caption"
+    size = jpeg_size(sample[image_ext])  # a JPEG's frame header is read in microseconds, else PIL reads the header
+    if size is None:
+        try:
+            with Image.open(io.BytesIO(sample[image_ext])) as image:
+                size = image.size
+        except Image.DecompressionBombError:
+            return "too_large"
+        except Exception:  # Pillow's header parsers raise anything on junk
+            return "not_an_image"
+    problem = size_problem(*size)
+    if problem:
+        return problem
     return {
         "key": sample["__key__"],
         "url": url,
@@ -668,6 +795,7 @@ def make_loader(dataset: ImageTextShards, num_workers: int, pin_memory: bool = F
     if num_workers > 0:
         # The tokenizer runs in the workers; Rust-side threads in forked workers only add contention and warnings.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dataset.share_skip_counts(num_workers)
     return DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
     )

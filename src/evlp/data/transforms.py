@@ -43,8 +43,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # what Pillow makes of 16-bit greyscale PNGs and TIFFs
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels are composited on white rather than turning black."""
+    """Convert any PIL mode to RGB; transparent pixels are composited on white rather than turning black, and
+    16-bit levels are scaled to 8 bits (Pillow's own conversion clips them, turning most of an image white)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode in ("P", "L", "RGB") and "transparency" in image.info
     )

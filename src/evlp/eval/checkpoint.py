@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from evlp.config import RunConfig
+from evlp.config import RunConfig, stored_config
 from evlp.data.tokenizer import TextTokenizer, load_tokenizer
 from evlp.errors import EvlpError
 from evlp.models.build import build_student
@@ -89,11 +88,7 @@ def read_student_checkpoint(path: str | Path) -> StudentCheckpoint:
     raw_cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if not isinstance(raw_cfg, dict):
         raise EvlpError(f"{path} has no run config (hyper_parameters['cfg']) to rebuild the model from; {expected}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), raw_cfg)
-    except OmegaConfBaseException as e:
-        raise EvlpError(f"{path}: its run config does not fit this evlp version's schema "
-                        f"({str(e).splitlines()[0]})") from None
+    cfg = stored_config(raw_cfg, RunConfig, str(path))
     # Everything else (kd_loss.* = the KD memory bank, a fine-tuning run's loss state) is training state only.
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
     ignored = sorted({k.split(".", 1)[0] + ".*" for k in keys if not k.startswith(STUDENT_PREFIX)})

@@ -425,9 +425,7 @@ def load_text_classifier(path: str | Path, device: torch.device | str = "cpu"):
     ``weights_only=True``, loaded strictly; neither the pretraining checkpoint nor the data is read). ``encode`` is a
     :class:`GlueEncoder`; ``info`` holds ``task``, ``num_classes``, ``regression``, ``max_len``, ``labels`` (the
     class names, None for STS-B's 0-5 score), ``source`` (the pretraining checkpoint) and ``tokenizer``."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from evlp.config import RunConfig
+    from evlp.config import RunConfig, stored_config
     from evlp.eval.checkpoint import TEXT_EMBEDDINGS, StudentCheckpoint, _hf_tokenizer, fit_bert_sizes
     from evlp.train.checkpoint import load_training_checkpoint
 
@@ -442,11 +440,7 @@ def load_text_classifier(path: str | Path, device: torch.device | str = "cpu"):
     if not isinstance(run_cfg, dict) or not glue.get("num_heads"):
         raise EvlpError(f"{path}: a GLUE checkpoint written before evlp kept the pretraining run's config in it; "
                         f"rebuild it with glue.build_task(cfg).module.load_state_dict, or fine-tune again")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), run_cfg)
-    except OmegaConfBaseException as e:
-        raise EvlpError(f"{path}: its pretraining config does not fit this evlp version's schema "
-                        f"({_first_line(e)})") from None
+    cfg = stored_config(run_cfg, RunConfig, str(path))
     task = glue["task"]
     hf_tokenizer = _hf_tokenizer(StudentCheckpoint(path, cfg, {}, None, []))
     # The tower is rebuilt as the S-SMKE student is (evlp.eval.checkpoint), its sizes read off the weights.

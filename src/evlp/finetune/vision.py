@@ -272,8 +272,12 @@ def load_classifier(path, map_location="cpu") -> tuple[ImageClassifier, dict]:
     arch = hparams.get("classifier")
     if not isinstance(arch, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise EvlpError(f"{path} is not an evlp vision fine-tuning checkpoint (no hyper_parameters['classifier'])")
-    model = ImageClassifier(Data2Vec2ImageTower(**arch["tower"]), arch["num_classes"], pooling=arch["pooling"],
-                            linear_classifier=arch["linear_classifier"])
+    try:
+        model = ImageClassifier(Data2Vec2ImageTower(**arch["tower"]), arch["num_classes"], pooling=arch["pooling"],
+                                linear_classifier=arch["linear_classifier"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EvlpError(f"{path}: hyper_parameters['classifier'] does not describe a classifier this evlp builds "
+                        f"({type(e).__name__}: {e})") from None
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_exact(model, state, f"{path} (the classifier its hyper_parameters describe)")
     model.eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from transformers.utils import logging as hf_logging
 
 from evlp.errors import EvlpError
 from evlp.models.text import BertTextTower
-from evlp.pretrained.files import FORMAT_NAMES, bert_folder_problem, clip, first_line
+from evlp.pretrained.files import (FORMAT_NAMES, bert_folder_problem, clip, first_line, quiet_torch_load, sniff,
+                                   unpickling_refused)
 
 DROPPED_PREFIXES = ("pooler.", "cls.")  # pooler and pretraining heads (MLM, NSP): not part of the tower
 
@@ -49,6 +51,12 @@ def is_local_path(name: str) -> bool:
             or name.count("/") > 1 or "\\" in name)
 
 
+def _weights_file(name: str) -> str:
+    """The weights file transformers read in a local BERT folder, for messages (the name itself for a hub id)."""
+    found = [Path(name) / f for f in ("model.safetensors", "pytorch_model.bin") if (Path(name) / f).is_file()]
+    return str(found[0]) if found else name
+
+
 def load_bert(name_or_dir: str | Path, depth: int | None = None):
     """``(BertTextTower, tokenizer)`` from a local folder or a hub name; the tower keeps the first ``depth`` layers.
 
@@ -66,6 +74,9 @@ def load_bert(name_or_dir: str | Path, depth: int | None = None):
         if problem:
             raise EvlpError(f"{path} is not {FORMAT_NAMES['hf-bert']}: {problem}")
         name = str(path)
+        weights = Path(_weights_file(name))
+        if weights.name == "pytorch_model.bin":
+            sniff(weights)  # an empty file, an HTML page or a plain Python pickle: said as such, before any loading
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(name)
@@ -76,9 +87,16 @@ def load_bert(name_or_dir: str | Path, depth: int | None = None):
                 raise EvlpError(f"{name}: depth {depth} asked for, but the model has {layers} layers (use 1..{layers})")
             # ignore_mismatched_sizes=True only makes transformers report a mis-shaped tensor instead of raising; the
             # report is turned into an EvlpError below.
-            bert, info = BertModel.from_pretrained(name, add_pooling_layer=False, output_loading_info=True,
-                                                   ignore_mismatched_sizes=True, dtype=torch.float32,
-                                                   attn_implementation="sdpa")
+            try:
+                with quiet_torch_load():
+                    bert, info = BertModel.from_pretrained(name, add_pooling_layer=False, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, dtype=torch.float32,
+                                                           attn_implementation="sdpa")
+            except pickle.UnpicklingError as e:  # a pytorch_model.bin that weights_only=True refuses
+                raise unpickling_refused(_weights_file(name), e) from None
+            except (RuntimeError, EOFError, ValueError) as e:  # a truncated or corrupt weights file
+                raise EvlpError(f"{name}: its weights file is unreadable ({first_line(e)}); download it "
+                                f"again") from None
             tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         if local:

@@ -16,10 +16,12 @@ from pathlib import Path
 from evlp.errors import EvlpError
 from evlp.pretrained.bert import load_bert
 from evlp.pretrained.download import download_file, sha256_file
-from evlp.pretrained.files import detect_format, read_weight_file
+from evlp.pretrained.files import check_download, detect_format, read_weight_file
 from evlp.pretrained.loaders import convert_checkpoint, tower_from_file
 
-# The two upstream files, under the names the configs expect in <base_dir>/models/.
+# The two upstream files, under the names the configs expect in <base_dir>/models/. Neither upstream publishes a
+# sha256 (docs/security.md): a download is checked by its container's CRCs and its layout (files.check_download).
+WEIGHT_FORMATS = {"base_imagenet.pt": "data2vec2-fairseq", "beitv2_base_patch16_224_pt1k.pth": "beitv2-unilm"}
 WEIGHT_URLS = {
     "base_imagenet.pt": "https://dl.fbaipublicfiles.com/fairseq/data2vec2/base_imagenet.pt",
     "beitv2_base_patch16_224_pt1k.pth":
@@ -93,9 +95,10 @@ def register(subparsers) -> None:
 
 
 def download_weights(data_path: str | Path, base_url: str | None = None, convert: bool = False) -> list[Path]:
-    """Fetch the Data2Vec2 and BEiTv2 checkpoints into ``<data_path>/models/`` (resuming partial downloads), print
-    their sha256, and with ``convert`` also write their ``.safetensors``. ``base_url`` replaces the upstream
-    locations (the file names are appended to it). Returns the checkpoint paths."""
+    """Fetch the Data2Vec2 and BEiTv2 checkpoints into ``<data_path>/models/`` (resuming partial downloads, checking
+    each is whole and of the right format before it gets its name), print their sha256, and with ``convert`` also
+    write their ``.safetensors``. ``base_url`` replaces the upstream locations (the file names are appended to it).
+    Returns the checkpoint paths."""
     models = Path(data_path) / "models"
     paths = []
     for name, url in WEIGHT_URLS.items():
@@ -105,7 +108,7 @@ def download_weights(data_path: str | Path, base_url: str | None = None, convert
         if dest.is_file():
             print(f"{dest}: already downloaded")
         else:
-            download_file(url, dest)
+            download_file(url, dest, verify=lambda part, name=name: check_download(part, WEIGHT_FORMATS[name]))
         print(f"sha256 {sha256_file(dest)}  {dest}")
         if convert:
             out, loaded = convert_checkpoint(dest)

@@ -50,8 +50,11 @@ def read_spec(ckpt: dict, num_heads: int | None, where: str) -> TowerSpec:
     state, cfg = ckpt["model"], model_config(ckpt)
     if PREFIX + "extra_tokens" not in state:
         encoders = sorted({k.split(".")[1] for k in state if k.startswith("modality_encoders.")})
-        raise EvlpError(f"{where}: no IMAGE encoder in this Data2Vec2 checkpoint (it has {', '.join(encoders)}); "
-                        f"expected the image model base_imagenet.pt")
+        if "IMAGE" in encoders:  # the encoder is there but incomplete: a truncated or edited file
+            raise EvlpError(f"{where}: its IMAGE encoder lacks {PREFIX}extra_tokens (the CLS token); expected the "
+                            f"complete image model base_imagenet.pt: download it again")
+        raise EvlpError(f"{where}: no IMAGE encoder in this Data2Vec2 checkpoint (it has "
+                        f"{', '.join(encoders) or 'none'}); expected the image model base_imagenet.pt")
     # fairseq's layer_norm_first=True variant is pre-LN with a final norm, a different computation from this tower's.
     if cfg.get("layer_norm_first", False) or cfg.get("norm_eps", 1e-6) != 1e-6:
         raise EvlpError(f"{where}: cfg.model has layer_norm_first={cfg.get('layer_norm_first')}, norm_eps="

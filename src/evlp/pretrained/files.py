@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import warnings
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +59,30 @@ class WeightFile:
     how: str  # how it was read, for `evlp weights check`
 
 
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# How torch.load's messages start the sentences that advise loading unsafely (weights_only=False, which would run
+# a hostile file's code and does not help a corrupt one) or filing a torch issue: never repeated to our users.
+_TORCH_ADVICE = ("In PyTorch 2.6", "This file can still be loaded", "(1)", "(2)", "Re-running `torch.load`",
+                 "Please file an issue", "Check the documentation of torch.load")
+
+
 def first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    """The first line of an error's message that says what is wrong: ANSI codes removed, and torch.load's advice
+    to retry unsafely, its "file an issue" and its miniz boilerplate left out."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines()]
+    if lines and lines[0].startswith("Weights only load failed."):
+        lines[0] = lines[0].removeprefix("Weights only load failed.").strip()
+        lines = [re.sub(r"\s*Please use `torch\.serialization.*", "", line.removeprefix("WeightsUnpickler error:")
+                        .strip()) for line in lines if not line.startswith(_TORCH_ADVICE)]
+    text = next((line for line in lines if line), "") or type(error).__name__
+    return re.sub(r"\s*This is an internal miniz error.*", "", text)
+
+
+def unpickling_refused(path, error: BaseException) -> EvlpError:
+    """The one line for a file that ``torch.load(weights_only=True)`` refused to unpickle."""
+    return EvlpError(f"refusing to unpickle {path}: it holds more than tensors ({first_line(error)}), and evlp never "
+                     f"unpickles objects, which could run code; re-save its tensors with torch.save or safetensors "
+                     f"from code you trust")
 
 
 def clip(names, limit: int = 6) -> str:
@@ -74,6 +99,10 @@ def describe(obj) -> str:
     return f"a {type(obj).__module__}.{type(obj).__qualname__}"
 
 
+# The legacy (non-zip) torch.save format starts with a pickled magic number, whatever the pickle protocol.
+_LEGACY_MAGIC = tuple(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=p) for p in range(2, pickle.HIGHEST_PROTOCOL + 1))
+
+
 def sniff(path: Path) -> str:
     """'zip', 'pickle' or 'safetensors' from the first bytes, or an EvlpError saying what the file is instead."""
     size = path.stat().st_size
@@ -83,8 +112,11 @@ def sniff(path: Path) -> str:
         head = f.read(1024)
     if head.startswith(b"PK\x03\x04"):  # torch.save's default format since 1.6 is a zip archive
         return "zip"
-    if head.startswith(b"\x80"):  # pickle protocol >= 2 opcode: the legacy torch.save format
-        return "pickle"
+    if head.startswith(b"\x80"):  # a pickle: torch.save's legacy format if it starts with torch's magic number
+        if head.startswith(_LEGACY_MAGIC):
+            return "pickle"
+        raise EvlpError(f"{path} is a Python pickle, not a torch.save checkpoint (no torch magic number); evlp reads "
+                        f"torch.save files and safetensors: re-save its tensors with torch.save from code you trust")
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in text:
         raise EvlpError(f"{path} is an HTML page ({size:,} bytes), not a checkpoint: probably an error page saved "
@@ -96,17 +128,28 @@ def sniff(path: Path) -> str:
                     f"{head[:16]!r})")
 
 
+@contextmanager
+def quiet_torch_load():
+    """torch.load warns about pickle protocols it was not written with: noise next to our own one-line errors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+        yield
+
+
 def _torch_load(path: Path, zipped: bool) -> tuple[object, str]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped), "torch.load(weights_only=True)"
+        with quiet_torch_load():
+            return (torch.load(path, map_location="cpu", weights_only=True, mmap=zipped),
+                    "torch.load(weights_only=True)")
     except pickle.UnpicklingError:
         pass  # it pickles more than tensors (fairseq does): read it with the restricted unpickler below
     except Exception as e:
         raise EvlpError(f"{path}: unreadable checkpoint ({first_line(e)}); download it again") from e
     replaced: set[str] = set()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=zipped,
-                         pickle_module=restricted_pickle_module(replaced))
+        with quiet_torch_load():
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=zipped,
+                             pickle_module=restricted_pickle_module(replaced))
     except Exception as e:
         raise EvlpError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)}); "
                         f"download it again") from e
@@ -173,6 +216,26 @@ def read_weight_file(path: str | Path) -> WeightFile:
         raise EvlpError(f"{path}: unknown checkpoint layout ({describe(obj)}); expected "
                         f"{FORMAT_NAMES['data2vec2-fairseq']} or {FORMAT_NAMES['beitv2-unilm']}")
     return WeightFile(path, fmt, obj, None, how)
+
+
+def check_download(path: Path, expected: str) -> None:
+    """EvlpError unless a downloaded checkpoint is whole and of the ``expected`` format.
+
+    Neither upstream publishes a digest for its weight files, so this is what can be checked: the CRC-32 that the
+    ``torch.save`` zip container stores for every record (all of them are read), then the checkpoint's own layout,
+    read without running code. The size was checked against the server's Content-Length by the download.
+    """
+    if sniff(path) == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise EvlpError(f"{path.name}: truncated or corrupt zip container ({first_line(e)})") from None
+        if bad is not None:
+            raise EvlpError(f"{path.name}: record {bad} fails its CRC-32 check (damaged in transit)")
+    found = read_weight_file(path).format
+    if found != expected:
+        raise EvlpError(f"{path.name} is {found}, not {expected} ({FORMAT_NAMES[expected]})")
 
 
 def bert_folder_problem(path: Path) -> str | None:

@@ -1,8 +1,10 @@
-"""Training callbacks: data position (exact resume), step checkpoints, throughput, and a resume-safe CSV log."""
+"""Training callbacks: data position (exact resume), step checkpoints, throughput, skipped samples, and a resume-safe
+CSV log."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import random
 import time
 from pathlib import Path
@@ -14,6 +16,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from evlp.errors import EvlpError
 from evlp.train.checkpoint import checkpoint_name, list_checkpoints
+
+log = logging.getLogger("evlp")
 
 
 class DataPosition(L.Callback):
@@ -61,12 +65,21 @@ class DataPosition(L.Callback):
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+            "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "batches_per_epoch": len(self.dataset),
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        # A position only means something in the epoch it was taken in: another dataset, batch size or number of
+        # processes makes epochs of another length (older checkpoints did not record it: then only past the end).
+        saved, now = state.get("batches_per_epoch"), len(self.dataset)
+        if (saved is not None and saved != now) or self.batches_in_epoch > now:
+            epoch = f"an epoch of {saved} batches" if saved is not None else f"epoch {self.epoch}"
+            raise EvlpError(f"resume: the checkpoint stopped after batch {self.batches_in_epoch} of {epoch}, but "
+                            f"this run's data makes epochs of {now} batches: it was saved by a run on other data or "
+                            f"with another data.batch_size or number of processes; resume with the same ones, or "
+                            f"start a new run (another run_name, no resume=)")
         self._pending_rng = {"torch_rng": state["torch_rng"], "python_rng": state["python_rng"]}
         self._configure()
 
@@ -167,6 +180,54 @@ class Throughput(L.Callback):
         pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         self._window_start = None
         self._last_end = None
+
+
+class SkippedSamples(L.Callback):
+    """Totals of the training samples the loader skipped, by reason (``evlp.data.shards.SKIP_REASONS``).
+
+    Logged as ``data/skipped`` and ``data/skipped_<reason>`` at the log interval; at the end summed over ranks into
+    ``totals`` (for results.json) and, when any, one warning line. The totals travel in checkpoints, so a resumed
+    run keeps counting from where it stopped.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.before: dict[str, int] = {}  # counted by the run this one resumed (rank 0's, as checkpoints hold)
+        self.totals: dict[str, int] = {}
+
+    def _counts(self) -> dict[str, int]:
+        counts = dict(self.before)
+        for reason, n in self.dataset.skipped().items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.log_every_n_steps:
+            return
+        counts = self._counts()
+        metrics = {"data/skipped": float(sum(n for r, n in counts.items() if r != "unreadable_shard")),
+                   **{f"data/skipped_{reason}": float(n) for reason, n in counts.items()}}
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from evlp.data.shards import SKIP_REASONS
+
+        local = self.dataset.skipped()
+        if trainer.is_global_zero:
+            local = self._counts()
+        counts = torch.tensor([local.get(reason, 0) for reason in SKIP_REASONS], device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        self.totals = {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.tolist()) if n}
+        if self.totals and trainer.is_global_zero:
+            samples = sum(n for reason, n in self.totals.items() if reason != "unreadable_shard")
+            log.warning("the training data loader skipped %d samples: %s", samples,
+                        ", ".join(f"{n} {reason}" for reason, n in self.totals.items()))
+
+    def state_dict(self) -> dict:
+        return {"skipped": self._counts()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = dict(state.get("skipped", {}))
 
 
 class CSVLogger(Logger):

@@ -8,6 +8,7 @@ mid-write never leaves a truncated file under a real checkpoint name and never r
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -53,14 +54,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def load_training_checkpoint(path, map_location="cpu") -> dict:
     """Read an evlp training checkpoint without running code from it (``weights_only=True``)."""
+    from evlp.pretrained.files import first_line, quiet_torch_load, sniff, unpickling_refused
+
     path = Path(path)
     if not path.is_file():
         raise EvlpError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated file, a foreign pickle, an HTML page ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvlpError(f"cannot read checkpoint {path} as an evlp training checkpoint: {first}") from None
+        if sniff(path) == "safetensors":  # an empty file, an HTML page, a plain pickle ... are named by sniff
+            raise EvlpError(f"{path} is a safetensors file, not a training checkpoint (.ckpt)")
+    except EvlpError as e:
+        raise EvlpError(f"cannot read checkpoint: {e}") from None
+    try:
+        with quiet_torch_load():
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # a foreign pickle: refused, never loaded unsafely
+        raise EvlpError(f"cannot read checkpoint: {unpickling_refused(path, e)}") from None
+    except Exception as e:  # a truncated or corrupt file
+        raise EvlpError(f"cannot read checkpoint {path} as an evlp training checkpoint: {first_line(e)}") from None
 
 
 def list_checkpoints(folder: Path, kind: str = "train") -> list[tuple[int, Path]]:

@@ -34,7 +34,7 @@ from evlp.config import save_config
 from evlp.data.shards import make_loader
 from evlp.flops import pair_flops, peak_flops
 from evlp.models.build import check_weight_files
-from evlp.train.callbacks import CSVLogger, DataPosition, StepCheckpoint, Throughput
+from evlp.train.callbacks import CSVLogger, DataPosition, SkippedSamples, StepCheckpoint, Throughput
 from evlp.train.checkpoint import AtomicCheckpointIO, checked_resume_state, init_student_from, resolve_resume
 from evlp.train.data import build_datasets, build_tokenizer, prepare_run_data
 from evlp.train.eval_callbacks import benchmark_callbacks
@@ -95,8 +95,10 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
     if cfg.resume is not None:  # this run's own log: drop what was logged after the checkpoint (all, if none)
         csv_logger.truncate_after(resumed["global_step"] if resumed else 0)
     checkpoints = StepCheckpoint(checkpoint_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints)
+    skipped = SkippedSamples(train_set)
     callbacks = [
         DataPosition(train_set),  # before StepCheckpoint: a checkpoint must include the batch it was saved after
+        skipped,
         checkpoints,
         Throughput(pair_flops(module.student, module.teacher, cfg.data.max_text_len).total, peak_flops(t.accelerator)),
         LearningRateMonitor(logging_interval="step"),
@@ -146,6 +148,7 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
         results = evaluate_pretrained(cfg, module.student, text_tokenizer, val_set, device, run_dir)
         results["checkpoint"] = str(checkpoints.last_path) if checkpoints.last_path else None
         results["steps"] = trainer.global_step
+        results["skipped_samples"] = skipped.totals  # by reason, all ranks: {} when every sample was usable
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         write_report(cfg, run_dir, results)
     return results
