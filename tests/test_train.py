@@ -69,6 +69,18 @@ def test_quickstart_run_folder_and_results(tmp_path):
     ckpt = load_training_checkpoint(found[-1][1])
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert "kd_loss.memory_bank" in ckpt["state_dict"] and "student.shared.fc1.weight" in ckpt["state_dict"]
+    # and, beside them, the best validation checkpoint as the original kept it: the lowest val/loss so far
+    with (run_dir / "metrics.csv").open() as f:
+        val_losses = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/loss"]
+    assert len(val_losses) == 2  # once per epoch, after steps 3 and 6
+    lowest = min(val_losses)
+    best_step = 3 * (val_losses.index(lowest) + 1)
+    best = tmp_path / "models" / "quickstart" / f"model-{best_step}-{lowest:.4f}-val.ckpt"
+    assert list_checkpoints(best.parent, kind="val") == [(best_step, best)]
+    assert saved["best_checkpoint"] == {"monitor": "val/loss", "value": pytest.approx(lowest),
+                                        "step": best_step, "checkpoint": str(best)}
+    assert f"`{best}`" in (run_dir / "report.md").read_text()
+    assert load_training_checkpoint(best)["global_step"] == best_step
 
 
 @pytest.mark.parametrize("workers", [0, 1])
