@@ -114,10 +114,12 @@ def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[s
 
 
 def count_samples(urls: str | Iterable[str]) -> int:
-    """Number of samples in the shards: from ``stats.json`` next to them when it lists them, else by reading tars.
+    """Number of samples in the shards: from ``stats.json`` next to them when it lists them, else from img2dataset's
+    ``<shard>_stats.json``, else by reading tars.
 
     ``stats.json`` (written by ``prepare_quickstart`` and the downloaders) holds ``{"shards": {"000000.tar": n, ...}}``.
-    Counting a tar reads its headers only.
+    img2dataset writes ``00000_stats.json`` beside each ``00000.tar`` once the tar is closed, whose ``successes`` are
+    the samples in the tar. Counting a tar reads its headers only.
     """
     total = 0
     listed: dict[str, dict] = {}
@@ -126,8 +128,21 @@ def count_samples(urls: str | Iterable[str]) -> int:
         if directory not in listed:
             listed[directory] = _listed_counts(Path(directory) / "stats.json")
         n = listed[directory].get(name)
+        if not isinstance(n, int):
+            n = _img2dataset_count(url)
         total += n if isinstance(n, int) else _count_tar(url)
     return total
+
+
+def _img2dataset_count(url: str) -> int | None:
+    """``successes`` of img2dataset's stats file for the shard ``url`` (None when there is none)."""
+    if not url.endswith(".tar"):
+        return None
+    try:
+        n = json.loads(Path(url[: -len(".tar")] + "_stats.json").read_text()).get("successes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _listed_counts(stats_path: Path) -> dict:
