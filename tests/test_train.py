@@ -88,13 +88,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, workers):
     check_resume(tmp_path, f"data.num_workers={workers}")
 
 
-def test_resume_equals_an_uninterrupted_run_with_a_weighted_mixture(tmp_path):
-    """Two sources drawn 1:3 (24 + 16 pairs: 5 batches per epoch), read by a loader worker process."""
+@pytest.mark.parametrize("weights", ["[1,3]", "null"])  # null: mixed in proportion to the sources' sizes
+def test_resume_equals_an_uninterrupted_run_with_two_sources(tmp_path, weights):
+    """Two sources (24 + 16 pairs: 5 batches per epoch) mixed pair by pair, read by a loader worker process."""
     second = prepare_quickstart(tmp_path / "second", num_train=16, num_val=8, image_size=32, shard_size=8, seed=1)
     sources = f"data.train=[quickstart,{second.root / 'train'}]"
-    run_data = prepare_run_data(tiny_cfg(tmp_path / "plan", sources, "data.train_weights=[1,3]"))
-    assert run_data.train_weights == [1.0, 3.0] and [len(s) for s in run_data.train_sources] == [1, 2]
-    check_resume(tmp_path, sources, "data.train_weights=[1,3]", "data.num_workers=1", batches_per_epoch=5)
+    run_data = prepare_run_data(tiny_cfg(tmp_path / "plan", sources, f"data.train_weights={weights}"))
+    assert run_data.train_weights == ([1.0, 3.0] if weights != "null" else None)
+    assert [len(s) for s in run_data.train_sources] == [1, 2]
+    check_resume(tmp_path, sources, f"data.train_weights={weights}", "data.num_workers=1", batches_per_epoch=5)
 
 
 def test_bad_mixture_weights_stop_before_any_work(tmp_path, capsys):

@@ -114,6 +114,9 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 8
     shuffle_buffer: int = 2000
+    # Shards each loader worker reads at once, their pairs interleaved at random (shared out among the sources):
+    # more shards feed each batch (docs/data.md "How batches are mixed"); each costs an open file and a 1 MB buffer.
+    open_shards: int = 32
     max_text_len: int = 64
     image_size: int = 224
     crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])

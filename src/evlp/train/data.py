@@ -44,6 +44,8 @@ def prepare_run_data(cfg: DictConfig) -> RunData:
     """Resolve every train/val source; generate the quickstart shards on first use."""
     d = cfg.data
     val, tokenizer_source, is_quickstart, num_train = [], None, False, None
+    if d.open_shards < 1:
+        raise EvlpError(f"data.open_shards must be at least 1, got {d.open_shards}")
     weights = d.get("train_weights")
     if weights is not None:  # before any work: one clear line
         weights = check_weights(weights, len(d.train), name="data.train_weights")
@@ -79,16 +81,13 @@ def build_datasets(cfg: DictConfig, run_data: RunData, hf_tokenizer):
     # write, to pass through shared memory and to copy to the GPU)
     transform = train_transform(d.image_size, crop_scale=tuple(d.crop_scale), color_jitter=d.color_jitter,
                                 hflip=d.hflip, normalize=False)
-    if run_data.train_weights is None:
-        train = ImageTextShards(run_data.train_urls, text, transform, d.batch_size, train=True, seed=cfg.seed,
-                                shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train)
-    else:
-        train = ImageTextShards(run_data.train_sources, text, transform, d.batch_size, train=True, seed=cfg.seed,
-                                shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train,
-                                weights=run_data.train_weights)
-        if rank_zero_only.rank == 0:
-            for line in train.mixture_summary():
-                print(f"data mixture: {line}", file=sys.stderr)
+    # Each data.train entry is a source: mixed pair by pair, by size or by data.train_weights (evlp.data.shards).
+    train = ImageTextShards(run_data.train_sources, text, transform, d.batch_size, train=True, seed=cfg.seed,
+                            shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train,
+                            weights=run_data.train_weights, open_shards=d.open_shards)
+    if rank_zero_only.rank == 0:
+        for line in train.mixture_summary():
+            print(f"data mixture: {line}", file=sys.stderr)
     val = None
     if run_data.val_urls:
         val = ImageTextShards(run_data.val_urls, text, eval_transform(d.image_size), d.eval_batch_size, train=False)
