@@ -14,9 +14,10 @@ metadata). ``ImageTextShards`` yields batches (build the DataLoader with ``batch
 Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size)`` before each epoch's iter():
 
 * The epoch's shard order comes from ``(seed, epoch)``. Each (rank, worker) slot reads its own part of the data:
-  whole shards when there are at least as many shards as slots, otherwise every n-th sample of every shard. Its
-  samples pass through a shuffle buffer seeded by ``(seed, epoch, slot)``; a slot that runs out before its quota
-  reads its data again.
+  whole shards when there are at least as many shards as slots, otherwise every n-th sample of every shard. It
+  reads ``open_shards`` of its shards at once, taking each next sample from one of them at random (a finished
+  shard is replaced by the next), and its samples pass through a shuffle buffer seeded by ``(seed, epoch, slot)``;
+  a slot that runs out before its quota reads its data again.
 * Every rank yields exactly ``len(dataset) = num_samples // (batch_size * world_size)`` batches, so DDP ranks stay
   in step. Batch ``b`` comes from worker ``b % num_workers``, the order in which the DataLoader collects them.
 * Each sample's augmentation is drawn after seeding torch's and Python's RNGs from ``(seed, epoch, sample)``, so a
@@ -24,18 +25,22 @@ Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size
   ``s, s+1, ...`` of the uninterrupted epoch bit for bit: each worker skips the raw bytes of the batches already
   done (nothing is decoded) and takes over the role of the worker that produced batch ``s + worker_id``.
 
-Several sources (``data.train`` in a config) are by default simply concatenated: their shards are shuffled together,
-so each source contributes in proportion to its size. ``weights=[w_1, ..., w_n]`` (``urls`` then being one entry
-per source: a folder, brace pattern or list of shards) makes it a weighted mixture instead:
+Several sources (``data.train`` in a config) are mixed pair by pair. ``urls`` is one source (a folder, a brace
+pattern, or a list of them or of shards) or a list of sources, each itself a list (with ``weights``, every entry is
+a source). Each slot reads each source through its own part of that source's shards (split over ranks x workers as
+above, the shard order reshuffled per epoch and source), with its share of ``open_shards`` and of ``shuffle_buffer``
+(in proportion to the source's size or weight, so memory stays the same), and draws the source of each next sample
+with a generator seeded by ``(seed, epoch, slot)``:
 
-* each slot reads each source through its own part of that source's shards (split over ranks x workers as above,
-  the shard order reshuffled per epoch and source) and its own shuffle buffer (``shuffle_buffer`` shared out in
-  proportion to the weights, so the memory it takes stays the same), and draws every sample from source ``k`` with
-  probability ``w_k / sum(w)``, with a generator seeded by ``(seed, epoch, slot)``: batches mix the sources;
-* the epoch keeps its length: ``num_samples`` is the total of the sources with a positive weight, so an epoch
-  draws as many pairs as there are. A source drawn more often than its size share is read again (a new ``pass``,
-  with new augmentations), one drawn less often is only partly read in an epoch (other shards first in the next:
-  the shard order changes per epoch);
+* by default in proportion to the sizes, without replacement: source ``k`` with probability (what is left of the
+  slot's part of ``k``) / (what is left of all its parts), i.e. a uniformly random interleave of the sources, as a
+  global shuffle of their union would give. Every pair is read once per pass, and a batch's share of a source
+  spreads around the source's size share as i.i.d. sampling's does (binomially);
+* with ``weights=[w_1, ..., w_n]``, with replacement: source ``k`` with probability ``w_k / sum(w)``. The epoch keeps
+  its length: ``num_samples`` is the total of the sources with a positive weight, so an epoch draws as many pairs
+  as there are. A source drawn more often than its size share is read again (a new ``pass``, with new
+  augmentations), one drawn less often is only partly read in an epoch (other shards first in the next: the shard
+  order changes per epoch);
 * everything above still holds: equal epochs per rank, disjoint ranks (a sample read again is read again by the
   same slot), and exact resume, since the draws are a function of the position in the slot's stream.
 
@@ -264,7 +269,7 @@ class ImageTextShards(IterableDataset):
         num_samples: int | None = None,
         max_bad_fraction: float = 0.1,
         weights: Sequence[float] | None = None,
-        open_shards: int = 16,
+        open_shards: int = 32,
     ):
         super().__init__()
         if batch_size < 1:
