@@ -14,6 +14,7 @@ from PIL import Image
 
 from webdataset.tariterators import tarfile_samples
 
+import evlp.data.shards as shards
 from evlp.data.shards import ImageTextShards, count_samples, make_loader, tar_samples
 from evlp.data.synthetic import generate_sample, prepare_quickstart
 from evlp.data.tokenizer import TextTokenizer, load_tokenizer
@@ -371,6 +372,21 @@ def test_batches_mix_sources_as_iid_sampling_would(three_sources, tokenizer, num
     if num_workers == 0:  # one slot, 150 x 32 = 4800: every pair exactly once in the epoch
         assert sorted(ids(batches)) == sorted(100000 * k + 1000 * s + j for k, size in enumerate(MIX_SIZES)
                                               for s in range(size // MIX_SHARD) for j in range(MIX_SHARD))
+
+
+def test_slots_share_out_the_samples_of_too_few_shards():
+    """With fewer shards than slots, slot s keeps sample j of the i-th shard when (i + j) % slots == s: every sample
+    goes to one slot, and the counts the mixture draws by are those samples."""
+    counts, num_slots = [5, 3, 7], 4
+    kept = {}
+    for slot in range(num_slots):
+        mine = [(i, j) for i, n in enumerate(counts) for j in range(n) if (i + j) % num_slots == slot]
+        assert shards._kept_count(counts, (slot, num_slots)) == len(mine)
+        for i, n in enumerate(counts):
+            first, step = shards._kept(i, (slot, num_slots))
+            assert [(i, j) for j in range(first, n, step)] == [x for x in mine if x[0] == i]
+        kept[slot] = set(mine)
+    assert sorted(x for slot in kept.values() for x in slot) == [(i, j) for i, n in enumerate(counts) for j in range(n)]
 
 
 def test_each_worker_reads_several_shards_at_once(three_sources, tokenizer):

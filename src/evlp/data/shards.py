@@ -240,8 +240,8 @@ def _kept(i: int, select: tuple[int, int] | None) -> tuple[int, int] | None:
     return (slot - i) % num_slots, num_slots
 
 
-def _part_size(counts: list[int], select: tuple[int, int] | None) -> int:
-    """How many samples a slot's part holds, from the sample counts of its shards (in the part's order)."""
+def _kept_count(counts: list[int], select: tuple[int, int] | None) -> int:
+    """How many samples a slot keeps of its part, from the sample counts of its shards (in the part's order)."""
     if select is None:
         return sum(counts)
     return sum(max(0, (n - first + step - 1) // step) for i, n in enumerate(counts)
@@ -446,7 +446,7 @@ class ImageTextShards(IterableDataset):
             counts = [sizes[url] for url in shards]
         else:  # num_samples given for shards that cannot be counted
             counts = [max(1, round(self.num_samples / len(self.urls)))] * len(shards)
-        return _part_size(counts, select)
+        return _kept_count(counts, select)
 
     def _shard_order(self, k: int) -> random.Random:
         """The generator that shuffles source ``k``'s shards for the epoch: the same on every rank and worker."""
