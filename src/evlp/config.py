@@ -106,7 +106,8 @@ class DataConfig:
     # Each entry: a folder of .tar shards, a brace pattern (`/data/cc3m/{00000..00331}.tar`), or `quickstart`.
     train: List[str] = field(default_factory=list)
     # One weight per `train` entry: each pair is drawn from source i with probability w_i / sum(w), epochs keep the
-    # total size of the sources (docs/data.md "Mixing sources"). None = concatenate (in proportion to their sizes).
+    # total size of the sources (docs/data.md "Several sources"). None = pair by pair in proportion to their sizes,
+    # every pair once per epoch.
     train_weights: Optional[List[float]] = None
     val: List[str] = field(default_factory=list)
     quickstart: QuickstartDataConfig = field(default_factory=QuickstartDataConfig)
