@@ -5,7 +5,7 @@
 #   benchmarks/gpu_wheels.sh && benchmarks/gpu_dryrun.sh [FOLDER]       # FOLDER: ~/.cache/evlp-gpu-dryrun
 #
 # 1. FOLDER/python3.12, a venv standing in for the machine's python3: CPython 3.12 ($PYTHON312, else python3.12 on
-#    PATH, else pyenv's 3.12.1) with the machine's packages that the wheels need (gpu_wheels/machine-requirements.txt)
+#    PATH, else pyenv's 3.12) with the machine's packages that the wheels need (gpu_wheels/machine-requirements.txt)
 #    at the machine's versions where benchmarks/gpu_machine_packages.txt gives them (torch 2.11.0, torchvision
 #    0.26.0, transformers 5.17.0, lightning 2.6.6, ...), from PyPI, once: ~5 GB, as PyPI's torch is a CUDA build
 #    (it runs on the CPU). Whatever pip pulled in that the machine does not have is uninstalled again.
@@ -24,7 +24,19 @@ if [ ! -f "$wheels/machine-requirements.txt" ]; then
   echo "gpu_dryrun: no wheel folder: run benchmarks/gpu_wheels.sh first" >&2
   exit 2
 fi
-py312=${PYTHON312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python3.12")}
+py312=${PYTHON312:-}
+if [ -z "$py312" ]; then
+  for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      py312=$candidate
+      break
+    fi
+  done
+fi
+if [ -z "$py312" ]; then
+  echo "gpu_dryrun: no CPython 3.12 found (python3.12 on PATH or pyenv's); name one with PYTHON312=..." >&2
+  exit 2
+fi
 mkdir -p "$folder"
 folder=$(cd "$folder" && pwd)
 
