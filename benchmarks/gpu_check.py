@@ -104,7 +104,7 @@ TINY = Sizes(
     bench=["--batch-size", "8", "--steps", "2", "--warmup", "1"],
     # aot_eager: Dynamo capture + AOTAutograd without code generation (inductor takes minutes on a small CPU).
     compile_backend="aot_eager",
-    images=96, shard_size=32, writers=1,
+    images=96, shard_size=32, writers=2,
     train=["trainer.max_steps=6", "trainer.log_every_n_steps=2", "trainer.checkpoint_every_n_steps=3",
            "data.batch_size=8", "data.num_workers=2", "data.shuffle_buffer=16",
            # the quickstart's own evaluation callbacks read the quickstart's held-out split, not these shards
