@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py run [--device cuda|cpu] [--tiny] [--budget S] [--parts a,b] [--out DIR]
     python benchmarks/gpu_check.py source-hash                # what gpu_wheels.sh records next to the evlp wheel
-    python benchmarks/gpu_check.py versions | prepare-data ...  # two of the parts' steps, run by `run`
+    python benchmarks/gpu_check.py versions | prepare-data ... | profile ...  # steps of the parts
 
 `run` measures, each part in its own process with its own time limit (a part that fails or overruns is reported
 with the end of its output, and the others still run), in this order:
@@ -13,6 +13,7 @@ with the end of its output, and the others still run), in this order:
                         here, a few hundred steps: the steady pairs/s, MFU and data share the training log computes
     data            (c) the shard reader alone (`evlp bench data --readers shards`) with 8 and 16 workers
     max-batch       (d) `evlp bench max-batch`: the largest batch that fits, and the peak memory of each probe
+    profile         torch.profiler over a few eager steps at batch 256: the operators with the most device time
     bench-compiled  (a) as bench-eager with trainer.compile=true (last: inductor's compilation takes longest)
 
 `--budget` bounds the whole: a part gets the smaller of its own limit and what is left, and one that cannot start
@@ -45,7 +46,7 @@ from pathlib import Path
 SCRIPT = str(Path(__file__).resolve())
 ROOT = Path(SCRIPT).parents[1]
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased's: the full-size text tower gets BERT's embedding table
-PARTS = ("versions", "bench-eager", "train", "data", "max-batch", "bench-compiled")
+PARTS = ("versions", "bench-eager", "train", "data", "max-batch", "profile", "bench-compiled")
 
 
 def source_hash(root: Path = ROOT) -> str:
@@ -95,7 +96,7 @@ FULL = Sizes(
                 "--num-images", "6144", "--rounds", "2"] for w in (8, 16)],
     max_batch=["--start", "256", "--multiple", "32"],
     limits={"versions": 60, "bench-eager": 100, "prepare": 60, "train": 170, "data": 90, "max-batch": 80,
-            "bench-compiled": 200},
+            "profile": 70, "bench-compiled": 200},
 )
 TINY_MODEL = ["model.depth=1", "model.teacher.depth=1", "loss.memory_bank_size=256"]
 TINY = Sizes(
@@ -113,7 +114,7 @@ TINY = Sizes(
     data_runs=[["--workers", "2", "--batch-size", "8", "--warmup", "2", "--batches", "4", "--num-images", "48",
                 "--rounds", "1"]],
     max_batch=["--start", "4", "--limit", "16", "--multiple", "4"],
-    limits={part: 150 for part in ("versions", "bench-eager", "prepare", "train", "data", "max-batch",
+    limits={part: 150 for part in ("versions", "bench-eager", "prepare", "train", "data", "max-batch", "profile",
                                    "bench-compiled")},
 )
 MIN_USEFUL_S = 20  # a part that cannot have this much is skipped rather than started
@@ -330,14 +331,59 @@ def part_max_batch(run: Runner, sizes: Sizes, device: str) -> tuple[Outcome, dic
     return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
 
 
+def profile(config: str, overrides: list[str], batch_size: int, device: str, steps: int = 3, warmup: int = 3,
+            top: int = 12) -> dict:
+    """Where the eager step's time goes: torch.profiler over ``steps`` steps after ``warmup``, the operators with the
+    most self time on the device (on the CPU without one), per step."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from evlp.bench.train import autocast_dtype, build_evlp_step, resolve_device
+    from evlp.config import load_config
+
+    cfg = load_config(config, overrides)
+    device = resolve_device(device)
+    cuda = device.type == "cuda"
+    evlp, batch = build_evlp_step(cfg, device, autocast_dtype(cfg.trainer.precision, device), batch_size, "inductor")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        evlp.step(batch)
+    sync()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            evlp.step(batch)
+        sync()
+        wall = (time.perf_counter() - start) / steps
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # microseconds
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    busy = sum(getattr(e, key) for e in events)
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "batch_size": batch_size, "steps": steps,
+        "wall_ms_per_step": 1e3 * wall, "busy_ms_per_step": busy / 1e3 / steps, "time": key,
+        "top": [{"name": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / busy,
+                 "calls_per_step": e.count / steps} for e in events[:top]],
+    }
+
+
+def part_profile(run: Runner, sizes: Sizes, device: str) -> tuple[Outcome, dict | None]:
+    overrides = [*sizes.overrides, *(["trainer.precision=bf16-mixed"] if device == "cuda" else [])]
+    batch = sizes.bench[sizes.bench.index("--batch-size") + 1]
+    outcome = run("profile", [SCRIPT, "profile", "--config", sizes.config, *overrides, "--batch-size", batch,
+                              "--device", device], sizes.limits["profile"])
+    return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The report
 
 
 def markdown(report: dict, run: Runner, bench_results: list[Path]) -> str:
+    """The section for docs/benchmarks.md: versions, then one subsection per part that ran (or failed)."""
     env, parts = report["versions"], report["parts"]
-    card = env["card"] if env else "unknown device"
-    lines = [f"### {card}, {report['date']}", ""]
+    lines = [f"### {env['card'] if env else 'unknown device'}, {report['date']}", ""]
     if env:
         lines += [f"Python {env['python']}, torch {env['torch']} (CUDA {env['cuda'] or '-'}), {env['cpus']} CPUs; "
                   f"evlp from `{env['evlp_from']}`.",
@@ -345,56 +391,90 @@ def markdown(report: dict, run: Runner, bench_results: list[Path]) -> str:
         lines += [f"| {p['name']} | {p['version'] or 'missing'} | {p['range'] or 'any'}"
                   f"{'' if p['in_range'] else ' (**outside**)'} | {p['location'] or ''} |" for p in env["packages"]]
     times = ", ".join(f"{name} {p['seconds']:.0f} s" for name, p in parts.items())
-    lines += ["", f"Produced by `{report['invocation']}` in {report['seconds']:.0f} s ({times}).", ""]
+    lines += ["", f"Produced by `{report['invocation']}` in {report['seconds']:.0f} s ({times})."]
+    sections = [
+        ("(a) The training step against open_clip (`evlp bench train`)", ("bench-eager", "bench-compiled"),
+         lambda: _bench_lines(parts, run, bench_results)),
+        ("(b) `evlp train` on synthetic JPEG shards, random weights", ("train: write the shards", "train"),
+         lambda: _train_lines(parts, report.get("train"))),
+        ("(c) The shard reader alone (`evlp bench data --readers shards`)",
+         tuple(name for name in parts if name.startswith("data")), lambda: _data_lines(report)),
+        ("(d) Memory: the largest batch that fits (`evlp bench max-batch`)", ("max-batch",),
+         lambda: _max_batch_lines(report.get("max-batch"))),
+        ("Where the eager step's time goes (torch.profiler)", ("profile",),
+         lambda: _profile_lines(report.get("profile"))),
+    ]
+    for title, names, body in sections:
+        if any(name in parts for name in names):
+            lines += ["", f"#### {title}", "", *body(), *_part_status(parts, *names)]
+    return "\n".join(lines) + "\n"
 
-    lines += ["#### (a) The training step against open_clip (`evlp bench train`)", ""]
-    lines += [f"    evlp bench {' '.join(parts[name]['command'][parts[name]['command'].index('train'):])}"
-              for name in ("bench-eager", "bench-compiled") if name in parts]
+
+def _command(parts: dict, name: str, verb: str) -> str:
+    """A part's command as a user types it: `evlp bench train ...`, `evlp train ...`."""
+    command = parts[name]["command"]
+    return " ".join(["evlp", *(["bench"] if command[1] == "evlp.bench" else []), *command[command.index(verb):]])
+
+
+def _bench_lines(parts: dict, run: Runner, bench_results: list[Path]) -> list[str]:
+    lines = [f"    {_command(parts, name, 'train')}" for name in ("bench-eager", "bench-compiled") if name in parts]
     if bench_results:
         table = subprocess.run([run.python, "-m", "evlp.bench.report", *map(str, bench_results)], cwd=ROOT,
                                env=run.env, capture_output=True, text=True)
         lines += ["", table.stdout.rstrip() if table.returncode == 0 else f"(report failed: {tail(table.stderr, 3)})"]
-    lines += _part_status(parts, "bench-eager", "bench-compiled")
+    return lines
 
-    lines += ["", "#### (b) `evlp train` on synthetic JPEG shards, random weights", ""]
-    if "train" in parts:
-        lines.append(f"    evlp {' '.join(parts['train']['command'][parts['train']['command'].index('train'):])}")
-    train = report.get("train")
+
+def _train_lines(parts: dict, train: dict | None) -> list[str]:
+    lines = [f"    {_command(parts, 'train', 'train')}"] if "train" in parts else []
     if train and train["pairs_per_s_median"] is not None:
+        steady = train["pairs_per_s_windows"][1:] or train["pairs_per_s_windows"]
         mfu = f"{100 * train['mfu_median']:.1f} %" if train["mfu_median"] is not None else "- (CPU or unknown card)"
         lines += ["", f"{train['steps']} steps; {train['steady_windows']} of {train['windows']} logged windows after "
                       f"the first (warm-up): pairs/s median {train['pairs_per_s_median']:.1f} (windows "
-                      f"{min(train['pairs_per_s_windows'][1:] or train['pairs_per_s_windows']):.1f}-"
-                      f"{max(train['pairs_per_s_windows'][1:] or train['pairs_per_s_windows']):.1f}), "
-                      f"overall {train['pairs_per_s_overall']:.1f} with the checkpoint writes; MFU median {mfu}; "
-                      f"waiting for data (perf/data_share) median "
+                      f"{min(steady):.1f}-{max(steady):.1f}), overall {train['pairs_per_s_overall']:.1f} with the "
+                      f"checkpoint writes; MFU median {mfu}; waiting for data (perf/data_share) median "
                       f"{100 * (train['data_share_median'] or 0):.1f} % of the step. Checkpoints "
                       f"{train['checkpoint_gb']:.2f} GB each; {train['prepare_s']:.0f} s to write the shards."]
-    lines += _part_status(parts, "train: write the shards", "train")
+    return lines
 
-    lines += ["", "#### (c) The shard reader alone (`evlp bench data --readers shards`)", ""]
-    data = report.get("data") or []
-    if data:
-        lines += ["| workers | pairs/s | per worker | JPEG decode, one thread | decode + transform, one thread |",
-                  "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {d['workers']} | {d['shards_pairs_per_s']:.0f} | {d['per_worker']['shards']:.0f} "
-                  f"| {d['decode_only_pairs_per_s']:.0f} | {d['decode_transform_pairs_per_s']:.0f} |" for d in data]
-        if train and train["pairs_per_s_median"]:
-            lines += ["", f"The training step above consumed {train['pairs_per_s_median']:.0f} pairs/s."]
-    lines += _part_status(parts, *(name for name in parts if name.startswith("data")))
 
-    lines += ["", "#### (d) Memory: the largest batch that fits (`evlp bench max-batch`)", ""]
-    mb = report.get("max-batch")
-    if mb:
-        probes = ", ".join(f"{p['batch_size']}: {p['peak_mem_gb']:.1f} GB" if p["fits"] else f"{p['batch_size']}: no"
-                           for p in mb["probes"])
-        answer = mb["largest_fit"] if mb["largest_fit"] is not None else "none"
-        lines += [f"Largest batch that fits: **{answer}**"
-                  + (f" ({mb['smallest_failed']} did not)" if mb["smallest_failed"] else "")
-                  + ("" if mb["complete"] else " -- stopped at the time limit before the search finished")
-                  + f"; peak memory per probe ({mb['steps_per_probe']} steps each, eager): {probes}."]
-    lines += _part_status(parts, "max-batch")
-    return "\n".join(lines) + "\n"
+def _data_lines(report: dict) -> list[str]:
+    data, train = report.get("data") or [], report.get("train")
+    if not data:
+        return []
+    lines = ["| workers | pairs/s | per worker | JPEG decode, one thread | decode + transform, one thread |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {d['workers']} | {d['shards_pairs_per_s']:.0f} | {d['per_worker']['shards']:.0f} "
+              f"| {d['decode_only_pairs_per_s']:.0f} | {d['decode_transform_pairs_per_s']:.0f} |" for d in data]
+    if train and train["pairs_per_s_median"]:
+        lines += ["", f"The training step of (b) consumed {train['pairs_per_s_median']:.0f} pairs/s."]
+    return lines
+
+
+def _max_batch_lines(mb: dict | None) -> list[str]:
+    if not mb:
+        return []
+    probes = ", ".join(f"{p['batch_size']}: {p['peak_mem_gb']:.1f} GB" if p["fits"] else f"{p['batch_size']}: no"
+                       for p in mb["probes"])
+    answer = mb["largest_fit"] if mb["largest_fit"] is not None else "none"
+    return [f"Largest batch that fits: **{answer}**"
+            + (f" ({mb['smallest_failed']} did not)" if mb["smallest_failed"] else "")
+            + ("" if mb["complete"] else " -- stopped at the time limit before the search finished")
+            + f"; peak memory per probe ({mb['steps_per_probe']} steps each, eager): {probes}."]
+
+
+def _profile_lines(prof: dict | None) -> list[str]:
+    if not prof:
+        return []
+    what = "GPU kernels" if prof["time"] == "self_device_time_total" else "CPU operators"
+    lines = [f"Batch {prof['batch_size']}, {prof['steps']} profiled steps: {prof['wall_ms_per_step']:.1f} ms per step "
+             f"on the clock (with the profiler's overhead), {prof['busy_ms_per_step']:.1f} ms of self time of {what}; "
+             "the operators with the most:", "",
+             "| operator | ms per step | share | calls per step |", "|---|---:|---:|---:|"]
+    lines += [f"| `{t['name']}` | {t['ms_per_step']:.2f} | {100 * t['share']:.1f} % | {t['calls_per_step']:.0f} |"
+              for t in prof["top"]]
+    return lines
 
 
 def _part_status(parts: dict, *names: str) -> list[str]:
@@ -467,6 +547,9 @@ def run_check(args) -> int:
             elif part == "max-batch":
                 outcome, report["max-batch"] = part_max_batch(run, sizes, args.device)
                 record(part, outcome)
+            elif part == "profile":
+                outcome, report["profile"] = part_profile(run, sizes, args.device)
+                record(part, outcome)
             write()
         text = write()
     print(text, end="")
@@ -481,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("source-hash", help="print the hash of src/evlp that gpu_wheels.sh records")
     commands.add_parser("versions", help="print the versions the parts run on (JSON)")
+    p = commands.add_parser("profile", help="print where the eager step's time goes (JSON)")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--device", choices=["cuda", "cpu"], required=True)
     p = commands.add_parser("prepare-data", help="write the training part's shards and vocabulary")
     p.add_argument("root", type=Path)
     p.add_argument("--images", type=int, required=True)
@@ -501,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "versions":
         print(json.dumps(versions()))
+        return 0
+    if args.command == "profile":
+        print(json.dumps(profile(args.config, args.overrides, args.batch_size, args.device)))
         return 0
     if args.command == "prepare-data":
         prepare_data(args.root, args.images, args.shard_size, args.writers, args.vocab_size)

@@ -185,7 +185,7 @@ def test_gpu_check_flow_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {name: part["status"] for name, part in result["parts"].items()} == {
         name: "ok" for name in ("versions", "bench-eager", "train: write the shards", "train", "data (2 workers)",
-                                "max-batch", "bench-compiled")}
+                                "max-batch", "profile", "bench-compiled")}
     assert result["versions"]["evlp_from"].startswith(str(ROOT / "src"))  # this checkout's code ran
     assert all(p["in_range"] for p in result["versions"]["packages"])
     assert "evlp bench train --config quickstart" in report and f"torch {torch.__version__}" in report
@@ -199,4 +199,7 @@ def test_gpu_check_flow_on_cpu(tmp_path):
     assert result["data"][0]["workers"] == 2 and result["data"][0]["shards_pairs_per_s"] > 0
     assert "| 2 | " in report.split("#### (c)")[1]
     assert result["max-batch"]["largest_fit"] == 16 and "Largest batch that fits: **16**" in report
+    top = result["profile"]["top"]
+    assert result["profile"]["time"] == "self_cpu_time_total" and len(top) == 12 and top[0]["share"] > 0
+    assert f"| `{top[0]['name']}` |" in report.split("#### Where the eager step's time goes")[1]
     assert (tmp_path / "gpu_check.log").stat().st_size > 0

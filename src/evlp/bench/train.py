@@ -229,31 +229,41 @@ def figures(model: TrainStep, seconds: list[float], batch_size: int, peak_bytes:
     }
 
 
-def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
-              device: str | None = None, vs: str | None = None, compile_backend: str = "inductor") -> dict:
-    """Build, time and count; returns the JSON-ready result (see the module docstring)."""
+def resolve_device(device: str | None) -> torch.device:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvlpError("--device cuda: no CUDA device is visible to PyTorch")
-    if steps < 1 or warmup < 0:
-        raise EvlpError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    batch_size = batch_size or cfg.data.batch_size
-    dtype = autocast_dtype(cfg.trainer.precision, device)
-    torch.manual_seed(cfg.seed)
+    return device
 
+
+def build_evlp_step(cfg: DictConfig, device: torch.device, dtype: torch.dtype | None, batch_size: int,
+                    compile_backend: str) -> tuple[EvlpStep, dict]:
+    """The evlp step with random weights (seeded by the config) and a synthetic batch of ``batch_size`` for it."""
+    torch.manual_seed(cfg.seed)
     # The quickstart's text tower is sized by its own small vocabulary; other random towers get BERT's.
     from evlp.info import data_tokenizer
 
     tokenizer = data_tokenizer(cfg)
     evlp = EvlpStep(cfg, device, dtype, batch_size, compile_backend, tokenizer)
+    ids = {} if tokenizer is None else {"cls_id": tokenizer.cls_token_id, "pad_id": tokenizer.pad_token_id}
+    return evlp, synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed, **ids)
+
+
+def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
+              device: str | None = None, vs: str | None = None, compile_backend: str = "inductor") -> dict:
+    """Build, time and count; returns the JSON-ready result (see the module docstring)."""
+    device = resolve_device(device)
+    if steps < 1 or warmup < 0:
+        raise EvlpError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    batch_size = batch_size or cfg.data.batch_size
+    dtype = autocast_dtype(cfg.trainer.precision, device)
+    evlp, batch = build_evlp_step(cfg, device, dtype, batch_size, compile_backend)
     models: list[TrainStep] = [evlp]
     if vs == "open_clip":
         try:
             models.append(OpenClipStep(cfg, device, dtype, batch_size, evlp.module.student, compile_backend))
         except ImportError:
             raise EvlpError("--vs open_clip needs open_clip_torch (pip install -e '.[test]')") from None
-    ids = {} if tokenizer is None else {"cls_id": tokenizer.cls_token_id, "pad_id": tokenizer.pad_token_id}
-    batch = synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed, **ids)
     times, peaks = time_steps(models, batch, steps, warmup)
 
     if device.type == "cuda":
@@ -279,7 +289,6 @@ def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, 
         other["flops_ratio"] = result["achieved_tflops"] / other["achieved_tflops"]
         result["open_clip"] = other
     return result
-
 
 
 def largest_batch(peak_at: Callable[[int], float | None], start: int, limit: int, multiple: int,
@@ -327,9 +336,7 @@ def run_max_batch(cfg: DictConfig, config_name: str, start: int = 256, limit: in
     """``evlp bench max-batch``: the largest batch of the config's training step that fits in GPU memory (see
     ``largest_batch``); each probe runs ``steps`` full steps (the first creates AdamW's state) on one model built
     once. On CPU nothing stops an allocation short of the machine's memory, so ``limit`` is required there."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvlpError("--device cuda: no CUDA device is visible to PyTorch")
+    device = resolve_device(device)
     if device.type == "cpu" and limit is None:
         raise EvlpError("bench max-batch on CPU needs --limit: only a GPU reports running out of memory")
     if min(start, multiple, steps) < 1 or time_limit <= 0 or (limit is not None and limit < start):
@@ -337,14 +344,8 @@ def run_max_batch(cfg: DictConfig, config_name: str, start: int = 256, limit: in
                         "--limit >= --start")
     deadline = time.monotonic() + time_limit
     dtype = autocast_dtype(cfg.trainer.precision, device)
-    torch.manual_seed(cfg.seed)
-    from evlp.info import data_tokenizer
-
-    tokenizer = data_tokenizer(cfg)
-    evlp = EvlpStep(cfg, device, dtype, start, compile_backend, tokenizer)
-    ids = {} if tokenizer is None else {"cls_id": tokenizer.cls_token_id, "pad_id": tokenizer.pad_token_id}
     # Larger batches repeat these rows on the device: drawing thousands of random images on the CPU takes seconds.
-    rows = synthetic_batch(cfg, start, evlp.vocab_size, device, cfg.seed, **ids)
+    evlp, rows = build_evlp_step(cfg, device, dtype, start, compile_backend)
 
     def peak_at(batch_size: int) -> float | None:
         batch = None
