@@ -79,6 +79,7 @@ class Sizes:
     vocab_size: int | None  # pad the WordPiece vocabulary to this many entries
     data_runs: list[list[str]]  # one `evlp bench data` per entry
     max_batch: list[str]
+    profile: list[str]  # gpu_check.py profile's --steps and --warmup
     limits: dict = field(default_factory=dict)  # seconds per part
 
 
@@ -95,6 +96,7 @@ FULL = Sizes(
     data_runs=[["--workers", str(w), "--batch-size", "64", "--warmup", str(2 * w), "--batches", "64",
                 "--num-images", "6144", "--rounds", "2"] for w in (8, 16)],
     max_batch=["--start", "256", "--multiple", "32"],
+    profile=["--steps", "3", "--warmup", "3"],
     limits={"versions": 60, "bench-eager": 100, "prepare": 60, "train": 170, "data": 90, "max-batch": 80,
             "profile": 70, "bench-compiled": 200},
 )
@@ -113,7 +115,8 @@ TINY = Sizes(
     vocab_size=None,
     data_runs=[["--workers", "2", "--batch-size", "8", "--warmup", "2", "--batches", "4", "--num-images", "48",
                 "--rounds", "1"]],
-    max_batch=["--start", "4", "--limit", "16", "--multiple", "4"],
+    max_batch=["--start", "4", "--limit", "16", "--multiple", "4", "--steps", "1"],
+    profile=["--steps", "1", "--warmup", "1"],
     limits={part: 150 for part in ("versions", "bench-eager", "prepare", "train", "data", "max-batch", "profile",
                                    "bench-compiled")},
 )
@@ -372,7 +375,7 @@ def part_profile(run: Runner, sizes: Sizes, device: str) -> tuple[Outcome, dict 
     overrides = [*sizes.overrides, *(["trainer.precision=bf16-mixed"] if device == "cuda" else [])]
     batch = sizes.bench[sizes.bench.index("--batch-size") + 1]
     outcome = run("profile", [SCRIPT, "profile", "--config", sizes.config, *overrides, "--batch-size", batch,
-                              "--device", device], sizes.limits["profile"])
+                              *sizes.profile, "--device", device], sizes.limits["profile"])
     return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
 
 
@@ -568,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", choices=["cuda", "cpu"], required=True)
     p = commands.add_parser("prepare-data", help="write the training part's shards and vocabulary")
     p.add_argument("root", type=Path)
@@ -591,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(versions()))
         return 0
     if args.command == "profile":
-        print(json.dumps(profile(args.config, args.overrides, args.batch_size, args.device)))
+        result = profile(args.config, args.overrides, args.batch_size, args.device, args.steps, args.warmup)
+        print(json.dumps(result))
         return 0
     if args.command == "prepare-data":
         prepare_data(args.root, args.images, args.shard_size, args.writers, args.vocab_size)

@@ -86,5 +86,6 @@ else
 fi
 echo "gpu_dryrun: $(git log --oneline -1); python3 = $venv/bin/python3 ($("$venv/bin/python3" --version))" >&2
 env -i HOME="$HOME" LANG=C.UTF-8 PATH="$venv/bin:/usr/sbin:/usr/bin:/sbin:/bin" PIP_CONFIG_FILE=/dev/null OUT="$out" \
-  ${isolate[@]+"${isolate[@]}"} bash -c '{ ip link set lo up 2>/dev/null || true; } && benchmarks/gpu_check.sh --device cpu --tiny'
+  ${isolate[@]+"${isolate[@]}"} bash -c '{ ip link set lo up 2>/dev/null || true; }
+                                          benchmarks/gpu_check.sh --device cpu --tiny'
 echo "gpu_dryrun: passed; the report is $out/gpu_check.md" >&2

@@ -76,7 +76,8 @@ def _add_max_batch(kinds) -> None:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    bench = subparsers.add_parser("bench", help="measure the toolkit: training step vs open_clip, data pipeline, evaluation ranking")
+    bench = subparsers.add_parser("bench", help="measure the toolkit: training step vs open_clip, largest batch, "
+                                                "data pipeline, evaluation ranking")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     _add_train(kinds)
     _add_max_batch(kinds)

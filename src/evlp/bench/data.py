@@ -358,7 +358,8 @@ def format_data_result(r: dict) -> str:
         f"  decode + evlp train transform      {r['decode_transform_pairs_per_s']:8.1f}",
     ]
     if r["workers"]:
-        lines.append("per worker: " + ", ".join(f"{READERS[name]} {rate:.1f}" for name, rate in r["per_worker"].items()))
+        per_worker = (f"{READERS[name]} {rate:.1f}" for name, rate in r["per_worker"].items())
+        lines.append("per worker: " + ", ".join(per_worker))
     return "\n".join(lines)
 
 

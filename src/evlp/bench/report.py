@@ -57,7 +57,8 @@ def format_max_batch(r: dict) -> str:
     memory = f" of {r['memory_gb']:.1f} GB" if r["memory_gb"] else ""
     mem = "peak mem GB" if r["device"] != "cpu" else "max RSS GB (process)"
     if r["largest_fit"] is None:
-        answer = f"no batch of {r['multiple']} or more fits" if r["complete"] else "no probe fitted before the time limit"
+        answer = (f"no batch of {r['multiple']} or more fits" if r["complete"]
+                  else "no probe fitted before the time limit")
     else:
         answer = f"largest batch that fits: {r['largest_fit']}"
         if r["smallest_failed"] is not None:
@@ -65,8 +66,8 @@ def format_max_batch(r: dict) -> str:
         if r["largest_fit"] == r["limit"]:
             answer += " = --limit"
         if not r["complete"]:
-            answer += f"; stopped at the time limit ({r['time_limit_s']:.0f} s) before the search narrowed to a multiple " \
-                      f"of {r['multiple']}"
+            answer += (f"; stopped at the time limit ({r['time_limit_s']:.0f} s) before the search narrowed to a "
+                       f"multiple of {r['multiple']}")
     lines = [
         f"evlp bench max-batch: config {r['config']}, {r['device']}{memory}, {r['precision']}, {_mode(r)}, "
         f"{r['steps_per_probe']} steps per probe, torch {r['torch']}",
