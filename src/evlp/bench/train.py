@@ -23,6 +23,7 @@ import contextlib
 import math
 import resource
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -348,7 +349,7 @@ def run_max_batch(cfg: DictConfig, config_name: str, start: int = 256, limit: in
     evlp, rows = build_evlp_step(cfg, device, dtype, start, compile_backend)
 
     def peak_at(batch_size: int) -> float | None:
-        batch = None
+        batch, peak = None, None
         try:
             batch = {k: v[torch.arange(batch_size, device=device) % start] for k, v in rows.items()}
             if device.type == "cuda":
@@ -357,15 +358,20 @@ def run_max_batch(cfg: DictConfig, config_name: str, start: int = 256, limit: in
                 evlp.step(batch)
             _sync(device)
             if device.type == "cuda":
-                return torch.cuda.max_memory_allocated(device)
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, Linux reports KiB
+                peak = torch.cuda.max_memory_allocated(device)
+            else:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's; Linux reports KiB
         except torch.cuda.OutOfMemoryError:
-            return None
+            pass
         finally:  # whatever the failed step left behind goes before the next probe
             del batch
             evlp.optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        # One line per probe as it ends, so a run cut short still tells what it found.
+        print(f"max-batch: {batch_size} " + (f"fits, peak {peak / 1e9:.2f} GB" if peak else "does not fit"),
+              file=sys.stderr, flush=True)
+        return peak
 
     search = largest_batch(peak_at, start, limit or 1 << 20, multiple, deadline)
     cuda = device.type == "cuda"
