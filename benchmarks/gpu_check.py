@@ -97,7 +97,7 @@ FULL = Sizes(
                 "--num-images", "6144", "--rounds", "2"] for w in (8, 16)],
     max_batch=["--start", "256", "--multiple", "32"],
     profile=["--steps", "3", "--warmup", "3"],
-    limits={"versions": 60, "bench-eager": 100, "prepare": 60, "train": 170, "data": 90, "max-batch": 80,
+    limits={"versions": 60, "bench-eager": 100, "prepare": 90, "train": 170, "data": 90, "max-batch": 80,
             "profile": 70, "bench-compiled": 200},
 )
 TINY_MODEL = ["model.depth=1", "model.teacher.depth=1", "loss.memory_bank_size=256"]
@@ -183,6 +183,24 @@ def tail(text: str, lines: int) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def result_of(outcome: Outcome) -> dict | None:
+    """The JSON object a part printed (after anything a library printed before it), or None if it did not finish;
+    a part whose output holds none is marked failed."""
+    if outcome.status != "ok":
+        return None
+    start = 0 if outcome.stdout.startswith("{") else outcome.stdout.find("\n{") + 1
+    try:
+        return json.JSONDecoder().raw_decode(outcome.stdout[start:])[0]
+    except ValueError as e:
+        return failed(outcome, f"no JSON result in its output ({e})")
+
+
+def failed(outcome: Outcome, why: str) -> None:
+    outcome.status = "failed"
+    outcome.stderr += f"\ngpu_check: {why}"
+    print(f"== {why}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The parts
 
@@ -219,7 +237,7 @@ def versions() -> dict:
 
 def part_versions(run: Runner, sizes: Sizes) -> tuple[Outcome, dict | None]:
     outcome = run("versions", [SCRIPT, "versions"], sizes.limits["versions"])
-    return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
+    return outcome, result_of(outcome)
 
 
 def bench_command(sizes: Sizes, device: str, compiled: bool) -> list[str]:
@@ -232,7 +250,7 @@ def bench_command(sizes: Sizes, device: str, compiled: bool) -> list[str]:
 def part_bench(run: Runner, sizes: Sizes, device: str, compiled: bool) -> tuple[Outcome, dict | None]:
     name = "bench-compiled" if compiled else "bench-eager"
     outcome = run(name, bench_command(sizes, device, compiled), sizes.limits[name])
-    return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
+    return outcome, result_of(outcome)
 
 
 def prepare_data(root: Path, images: int, shard_size: int, writers: int, vocab_size: int | None) -> None:
@@ -276,7 +294,10 @@ def part_train(run: Runner, sizes: Sizes, device: str, work: Path) -> tuple[dict
     outcomes["train"] = train
     if train.status != "ok":
         return outcomes, None
-    return outcomes, train_figures(work, outcomes["train: write the shards"].seconds)
+    try:
+        return outcomes, train_figures(work, outcomes["train: write the shards"].seconds)
+    except (OSError, ValueError, KeyError) as e:
+        return outcomes, failed(train, f"cannot read the training log: {type(e).__name__}: {e}")
 
 
 def train_figures(work: Path, prepare_s: float) -> dict:
@@ -320,8 +341,9 @@ def part_data(run: Runner, sizes: Sizes, work: Path) -> tuple[dict[str, Outcome]
         outcomes[name] = run(name, ["-m", "evlp.bench", "data", "--shards", str(work / "data" / "shards"),
                                     "--readers", "shards", *args, "--json"],
                              sizes.limits["data"] / len(sizes.data_runs))
-        if outcomes[name].status == "ok":
-            results.append(json.loads(outcomes[name].stdout))
+        result = result_of(outcomes[name])
+        if result:
+            results.append(result)
     return outcomes, results
 
 
@@ -331,7 +353,7 @@ def part_max_batch(run: Runner, sizes: Sizes, device: str) -> tuple[Outcome, dic
     # The search stops starting probes in time for the process to end within its limit (model building included).
     outcome = run("max-batch", ["-m", "evlp.bench", "max-batch", "--config", sizes.config, *overrides, *sizes.max_batch,
                                 "--time-limit", str(max(limit - 35, 5)), "--device", device, "--json"], limit)
-    return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
+    return outcome, result_of(outcome)
 
 
 def profile(config: str, overrides: list[str], batch_size: int, device: str, steps: int = 3, warmup: int = 3,
@@ -376,7 +398,7 @@ def part_profile(run: Runner, sizes: Sizes, device: str) -> tuple[Outcome, dict 
     batch = sizes.bench[sizes.bench.index("--batch-size") + 1]
     outcome = run("profile", [SCRIPT, "profile", "--config", sizes.config, *overrides, "--batch-size", batch,
                               *sizes.profile, "--device", device], sizes.limits["profile"])
-    return outcome, json.loads(outcome.stdout) if outcome.status == "ok" else None
+    return outcome, result_of(outcome)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,6 +415,7 @@ def markdown(report: dict, run: Runner, bench_results: list[Path]) -> str:
                   "", "| package | version | evlp's range | where |", "|---|---|---|---|"]
         lines += [f"| {p['name']} | {p['version'] or 'missing'} | {p['range'] or 'any'}"
                   f"{'' if p['in_range'] else ' (**outside**)'} | {p['location'] or ''} |" for p in env["packages"]]
+    lines += _part_status(parts, "versions")
     times = ", ".join(f"{name} {p['seconds']:.0f} s" for name, p in parts.items())
     lines += ["", f"Produced by `{report['invocation']}` in {report['seconds']:.0f} s ({times})."]
     sections = [
@@ -416,6 +439,8 @@ def markdown(report: dict, run: Runner, bench_results: list[Path]) -> str:
 def _command(parts: dict, name: str, verb: str) -> str:
     """A part's command as a user types it: `evlp bench train ...`, `evlp train ...`."""
     command = parts[name]["command"]
+    if verb not in command:
+        return "(no command)"
     return " ".join(["evlp", *(["bench"] if command[1] == "evlp.bench" else []), *command[command.index(verb):]])
 
 
@@ -523,43 +548,50 @@ def run_check(args) -> int:
             (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
         return text
 
+    def run_part(part: str) -> None:
+        if part == "versions":
+            outcome, report["versions"] = part_versions(run, sizes)
+            record(part, outcome)
+        elif part in ("bench-eager", "bench-compiled"):
+            outcome, result = part_bench(run, sizes, args.device, part == "bench-compiled")
+            record(part, outcome)
+            if result:
+                report[part] = result
+                path = work / f"{part}.json"
+                path.write_text(json.dumps(result))
+                bench_results.append(path)
+        elif part == "train":
+            outcomes, report["train"] = part_train(run, sizes, args.device, work)
+            for name, outcome in outcomes.items():
+                record(name, outcome)
+        elif part == "data":
+            outcomes, report["data"] = part_data(run, sizes, work)
+            for name, outcome in outcomes.items():
+                record(name, outcome)
+        elif part == "max-batch":
+            outcome, report["max-batch"] = part_max_batch(run, sizes, args.device)
+            record(part, outcome)
+        elif part == "profile":
+            outcome, report["profile"] = part_profile(run, sizes, args.device)
+            record(part, outcome)
+
     with tempfile.TemporaryDirectory(prefix="evlp-gpu-check-") as tmp:
         work = Path(tmp)
         for part in PARTS:
             if part not in parts_wanted:
                 continue
-            if part == "versions":
-                outcome, report["versions"] = part_versions(run, sizes)
-                record(part, outcome)
-            elif part in ("bench-eager", "bench-compiled"):
-                outcome, result = part_bench(run, sizes, args.device, part == "bench-compiled")
-                record(part, outcome)
-                if result:
-                    report[part] = result
-                    path = work / f"{part}.json"
-                    path.write_text(json.dumps(result))
-                    bench_results.append(path)
-            elif part == "train":
-                outcomes, report["train"] = part_train(run, sizes, args.device, work)
-                for name, outcome in outcomes.items():
-                    record(name, outcome)
-            elif part == "data":
-                outcomes, report["data"] = part_data(run, sizes, work)
-                for name, outcome in outcomes.items():
-                    record(name, outcome)
-            elif part == "max-batch":
-                outcome, report["max-batch"] = part_max_batch(run, sizes, args.device)
-                record(part, outcome)
-            elif part == "profile":
-                outcome, report["profile"] = part_profile(run, sizes, args.device)
-                record(part, outcome)
+            try:
+                run_part(part)
+            except Exception as e:  # a bug in reading one part's result must not cost the parts after it
+                entry = report["parts"].setdefault(part, {"seconds": 0.0, "command": [], "returncode": None})
+                entry.update(status="failed", tail=f"gpu_check: {type(e).__name__}: {e}")
             write()
         text = write()
     print(text, end="")
-    failed = [name for name, p in report["parts"].items() if p["status"] != "ok"]
-    if failed:
-        print(f"gpu_check: {', '.join(failed)} did not finish (see the report)", file=sys.stderr)
-    return 1 if failed else 0
+    unfinished = [name for name, p in report["parts"].items() if p["status"] != "ok"]
+    if unfinished:
+        print(f"gpu_check: {', '.join(unfinished)} did not finish (see the report)", file=sys.stderr)
+    return 1 if unfinished else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 benchmarks/gpu_check.sh in its CPU flow-check mode."""
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -171,6 +172,18 @@ def test_gpu_check_refuses_a_missing_wheel_folder_in_one_line(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith(f"gpu_check: no wheels in {tmp_path}: run benchmarks/gpu_wheels.sh")
+
+
+def test_gpu_check_reads_a_parts_json_after_what_libraries_printed_and_fails_a_part_without_one(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    printed = gpu_check.Outcome(["python"], "ok", 1.0, stdout='a notice\n{\n  "pairs_per_s": 2.5\n}\ntrailer\n')
+    assert gpu_check.result_of(printed) == {"pairs_per_s": 2.5} and printed.status == "ok"
+    garbled = gpu_check.Outcome(["python"], "ok", 1.0, stdout="Segmentation fault\n")
+    assert gpu_check.result_of(garbled) is None and garbled.status == "failed"
+    assert "gpu_check: no JSON result in its output" in garbled.stderr
 
 
 def test_gpu_check_flow_on_cpu(tmp_path):
