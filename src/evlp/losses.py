@@ -35,7 +35,8 @@ Deliberate differences from the original EV-LP code (``src/modules/losses.py``):
   vectors + bank (labels ``arange(B)``), so the other ranks' current teacher vectors were no negatives at all and the
   loss depended on how the batch was split over GPUs. With the gathered batch, W ranks compute exactly what one process
   computes on the concatenated batch, and the in-batch validation loss is the same function with the bank switched off.
-* Logits are computed in float32 even under autocast (the bank softmax runs over 65k+ columns).
+* Logits are computed in float32 even under autocast (the bank softmax runs over 65k+ columns); float64 inputs
+  stay float64 (the reference test of the whole step runs in float64).
 """
 
 from __future__ import annotations
@@ -80,10 +81,15 @@ def _local_labels(batch_size: int, device: torch.device) -> Tensor:
     return torch.arange(batch_size, device=device) + batch_size * _global_rank()
 
 
+def fp32_or_wider(x: Tensor) -> Tensor:
+    """Half-precision tensors (autocast) in float32 for the loss math; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _scaled_logits(queries: Tensor, keys: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """``s * queries @ keys.T`` in float32, outside autocast (which would run the matmul in half precision)."""
+    """``s * queries @ keys.T`` in float32 or wider, outside autocast (which would run the matmul in half precision)."""
     with torch.autocast(queries.device.type, enabled=False):
-        return logit_scale * (queries.float() @ keys.float().T)
+        return logit_scale * (fp32_or_wider(queries) @ fp32_or_wider(keys).T)
 
 
 def _ce_and_acc(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,7 +184,7 @@ class ContrastiveDistillationLoss(nn.Module):
             update_memory_bank = use_memory_bank and self.training
         has_bank = self.memory_bank_size > 0
 
-        teacher = gather_no_grad(teacher_features).float()  # (B*W, D)
+        teacher = fp32_or_wider(gather_no_grad(teacher_features))  # (B*W, D)
         labels = _local_labels(image_features.shape[0], image_features.device)  # (B,)
 
         bank = None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from evlp.data.transforms import normalize_images
-from evlp.losses import ContrastiveDistillationLoss, ContrastiveLoss
+from evlp.losses import ContrastiveDistillationLoss, ContrastiveLoss, fp32_or_wider
 from evlp.models.build import build_student, build_teacher
 from evlp.train.optim import build_optimizer, scaled_lr, warmup_cosine
 
@@ -59,11 +59,11 @@ class PretrainModule(L.LightningModule):
     def _losses(self, batch: dict, train: bool) -> dict:
         images, text, padding_mask = batch["image"], batch["text"], batch["padding_mask"]
         with torch.no_grad():
-            target = F.normalize(self.teacher(images).float(), dim=-1)  # (B, Dt)
+            target = F.normalize(fp32_or_wider(self.teacher(images)), dim=-1)  # (B, Dt)
         self.student.clamp_logit_scales(self.cfg.loss.max_logit_scale)
         img, txt = self.student(images, text, padding_mask)
         kd = self.kd_loss(
-            F.normalize(img["kd"].float(), dim=-1), F.normalize(txt["kd"].float(), dim=-1), target,
+            F.normalize(fp32_or_wider(img["kd"]), dim=-1), F.normalize(fp32_or_wider(txt["kd"]), dim=-1), target,
             self.kd_logit_scale, use_memory_bank=train,
         )
         scales = self.student.logit_scales.exp()
