@@ -36,7 +36,8 @@ from evlp.config import save_config
 from evlp.errors import EvlpError
 from evlp.finetune.config import TASKS, task_family
 from evlp.train.callbacks import CSVLogger
-from evlp.train.checkpoint import AtomicCheckpointIO, checkpoint_name, load_training_checkpoint
+from evlp.train.checkpoint import (AtomicCheckpointIO, checkpoint_name, load_training_checkpoint,
+                                   remove_stale_temporaries)
 from evlp.train.recipe import resolve_precision
 from evlp.train.report import plot_curves
 
@@ -72,6 +73,10 @@ class BestCheckpoint(L.Callback):
         self.best_path: Path | None = None
         self.best_step: int | None = None
         self.validated_step: int | None = None  # the step of the latest validation
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # the only process that writes checkpoints
+            remove_stale_temporaries(self.folder)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

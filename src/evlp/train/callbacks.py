@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from evlp.errors import EvlpError
-from evlp.train.checkpoint import checkpoint_name, list_checkpoints
+from evlp.train.checkpoint import checkpoint_name, list_checkpoints, remove_stale_temporaries
 
 
 class DataPosition(L.Callback):
@@ -87,6 +87,10 @@ class StepCheckpoint(L.Callback):
         self._loss_count = 0
         self.last_saved_step = -1
         self.last_path: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:  # the only process that writes checkpoints
+            remove_stale_temporaries(self.folder)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
