@@ -544,11 +544,9 @@ def test_each_mutation_is_caught(mutation, monkeypatch):
 def test_local_distillation_candidates_are_caught(monkeypatch, tmp_path):
     """The original's memory-bank loss: the rank's own teacher vectors + bank, labels arange(B). On one process it
     is the same function, so only the 2-process check can catch it."""
-    mutate(monkeypatch, ContrastiveDistillationLoss, "forward",
-           ("teacher = fp32_or_wider(gather_no_grad(teacher_features))",
-            "teacher = fp32_or_wider(teacher_features.detach())"),
-           ("labels = _local_labels(image_features.shape[0], image_features.device)",
-            "labels = torch.arange(image_features.shape[0], device=image_features.device)"))
+    mutate(monkeypatch, PretrainModule, "_losses",
+           ("self.kd_logit_scale, use_memory_bank=train, gather=train,",
+            "self.kd_logit_scale, use_memory_bank=train, gather=False,"))
     check_step(build_module(), make_batch())  # one process: unchanged
     with pytest.raises(AssertionError, match="^rank 0 KD loss"):
         check_two_processes(build_module(), make_batch(), tmp_path)
