@@ -18,11 +18,12 @@ from evlp.eval import glue_metrics as gm
 from evlp.finetune import glue
 from evlp.finetune.runner import run_finetune
 from tests.api_support import toy_run  # noqa: F401
+from tests.needs import need_module
 
-datasets = pytest.importorskip("datasets")
+datasets = need_module("datasets", module_level=True)
 datasets.disable_progress_bars()
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-stats = pytest.importorskip("scipy.stats")
+sklearn_metrics = need_module("sklearn.metrics", module_level=True)
+stats = need_module("scipy.stats", module_level=True)
 
 CONFIGS = {"cola": "cola", "mnli": "mnli", "mrpc": "mrpc", "qnli": "qnli", "qqp": "qqp", "rte": "rte",
            "sst": "sst2", "stsb": "stsb", "wnli": "wnli"}
