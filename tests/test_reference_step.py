@@ -101,7 +101,8 @@ def build_module(seed: int = 0) -> PretrainModule:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         module.student.logit_scales.copy_(torch.tensor(LOGIT_SCALES))
         bank = module.kd_loss
-        filled = torch.nn.functional.normalize(torch.randn(PREFILLED, TEACHER_D, generator=g, dtype=torch.float64), dim=-1)
+        filled = torch.randn(PREFILLED, TEACHER_D, generator=g, dtype=torch.float64)
+        filled = filled / filled.norm(dim=-1, keepdim=True)
         bank.memory_bank.copy_(torch.randn(BANK, TEACHER_D, generator=g, dtype=torch.float64))  # junk rows ...
         bank.memory_bank[:PREFILLED] = filled  # ... below the written ones
         bank.bank_pointer.fill_(PREFILLED)
@@ -221,7 +222,8 @@ def ref_image_tower(W, images):
         bq, bk, bv = thirds(W[b + "attn.qkv.bias"])
         a = attention(x, wq, bq, wk, bk, wv, bv, W[b + "attn.proj.weight"], W[b + "attn.proj.bias"], HEADS)
         x = layer_norm(x + a, W[b + "norm1.weight"], W[b + "norm1.bias"], 1e-6)
-        m = gelu(x @ W[b + "mlp.fc1.weight"].T + W[b + "mlp.fc1.bias"]) @ W[b + "mlp.fc2.weight"].T + W[b + "mlp.fc2.bias"]
+        m = gelu(x @ W[b + "mlp.fc1.weight"].T + W[b + "mlp.fc1.bias"]) @ W[b + "mlp.fc2.weight"].T \
+            + W[b + "mlp.fc2.bias"]
         x = layer_norm(x + m, W[b + "norm2.weight"], W[b + "norm2.bias"], 1e-6)
     return x
 
@@ -341,7 +343,8 @@ def reference(weights: dict, bank: torch.Tensor, filled: int, pointer: int, batc
         logits = scale * img[key] @ txt[key].T
         itc[level] = (cross_entropy_rows(logits, labels), cross_entropy_rows(logits.T, labels))
     kd = (kd_image.mean() + kd_text.mean()) / 2
-    itc_loss = ((itc["fc1"][0].mean() + itc["fc1"][1].mean()) / 2 + (itc["out"][0].mean() + itc["out"][1].mean()) / 2) / 2
+    itc_fc1, itc_out = ((i2t.mean() + t2i.mean()) / 2 for i2t, t2i in (itc["fc1"], itc["out"]))
+    itc_loss = (itc_fc1 + itc_out) / 2
     total = kd + itc_loss
     total.backward()
 
@@ -503,7 +506,8 @@ def mutate(monkeypatch, owner, name: str, *edits: tuple[str, str]) -> None:
 
 MUTATIONS = {
     "drop the ITC term on the fc1 CLS": (
-        PretrainModule, "_losses", [('itc_loss = (itc_interm["loss"] + itc["loss"]) / 2', 'itc_loss = itc["loss"] / 2')],
+        PretrainModule, "_losses",
+        [('itc_loss = (itc_interm["loss"] + itc["loss"]) / 2', 'itc_loss = itc["loss"] / 2')],
         "itc_loss"),
     "drop the ITC term on the output CLS": (
         PretrainModule, "_losses", [('itc_loss = (itc_interm["loss"] + itc["loss"]) / 2',
