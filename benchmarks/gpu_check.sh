@@ -1,88 +1,64 @@
 #!/usr/bin/env bash
-# The GPU check of the training step, for docs/benchmarks.md ("GPU (H100/H200)").
+# The GPU check of docs/benchmarks.md ("GPU (H100/H200)"): what it measures is in benchmarks/gpu_check.py, how to
+# run it on a lent GPU machine that reaches no package index in benchmarks/README.md.
 #
-#   benchmarks/gpu_check.sh                         # one NVIDIA GPU: ~5 minutes, well under 8
-#   benchmarks/gpu_check.sh --device cpu --tiny     # the same flow on a tiny config on CPU: a flow check (~30 s)
+#   benchmarks/gpu_check.sh                          # GPU machine: its python3 + the carried wheels, ~6 minutes
+#   benchmarks/gpu_check.sh --device cpu --tiny      # the same, at toy size on a CPU (~70 s on 2 cores)
+#   benchmarks/gpu_check.sh --python .venv/bin/python --device cpu --tiny    # an environment that has evlp
 #
-# Runs `evlp bench train` (as `python -m evlp.bench train`) on the full training/s_smke architecture with random
-# weights, batch 256, bf16-mixed: once eager and once with trainer.compile=true, each timed against open_clip with
-# matching towers in the same process. --tiny keeps the config's fp32 (bf16 is emulated on CPUs without AVX512-BF16).
-# Prints a Markdown section (card, date, torch, commands, table) and writes it to $OUT/gpu_check.md when OUT is set;
-# a run that fails is reported as failed and the other still makes the table. Installs nothing beyond the project's
-# own set-up (.venv, as ./dev makes it).
+# --python PY: the interpreter (default: $EVLP_PYTHON, else python3). --wheels DIR: the wheel folder to install
+# (default: benchmarks/gpu_wheels, made by benchmarks/gpu_wheels.sh, unless --python or EVLP_PYTHON names an
+# interpreter, which is then used as it is). The wheels -- what the GPU machine's python3 lacks, and evlp itself --
+# go with `pip install --no-index --no-deps --target` into a temporary folder put first on PYTHONPATH: nothing is
+# fetched, no venv is made, and the interpreter's own packages (its torch above all) are the ones used. If the
+# evlp wheel was built from other sources than this checkout's src/evlp, src/evlp is used, and the report says so.
+# --device, --tiny, --budget, --parts, --out: as `benchmarks/gpu_check.py run` (the report goes to $OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 invocation="benchmarks/gpu_check.sh${*:+ $*}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+usage="usage: benchmarks/gpu_check.sh [--device cuda|cpu] [--tiny] [--python PY] [--wheels DIR] [--budget S] \
+[--parts P,...] [--out DIR]"
 
-device=cuda tiny=0
+py=${EVLP_PYTHON:-} wheels=default check_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) device="$2"; shift 2 ;;
-    --tiny) tiny=1; shift ;;
-    *) echo "usage: benchmarks/gpu_check.sh [--device cuda|cpu] [--tiny]" >&2; exit 2 ;;
+    --python|--wheels|--device|--budget|--parts|--out)
+      [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; } ;;&
+    --python) py="$2"; shift 2 ;;
+    --wheels) wheels="$2"; shift 2 ;;
+    --device|--budget|--parts|--out) check_args+=("$1" "$2"); shift 2 ;;
+    --tiny) check_args+=("$1"); shift ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
-
-if [ ! -x .venv/bin/python ]; then  # the same install line as ./dev test
-  python3 -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+if [ "$wheels" = default ]; then
+  if [ -z "$py" ]; then wheels=benchmarks/gpu_wheels; else wheels=; fi
 fi
-PY=.venv/bin/python
+py=${py:-python3}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-if [ "$tiny" = 1 ]; then
-  config=quickstart
-  overrides=(model.depth=1 model.teacher.depth=1 loss.memory_bank_size=256)
-  # aot_eager: Dynamo capture + AOTAutograd without code generation (inductor takes minutes on a small CPU).
-  run=(--batch-size 8 --steps 2 --warmup 1 --compile-backend aot_eager)
-else
-  config=training/s_smke
-  overrides=()
-  run=(--batch-size 256 --steps 20 --warmup 5)
-fi
-if [ "$device" = cuda ]; then
-  overrides+=(trainer.precision=bf16-mixed)  # what `auto` picks on GPU, spelled out
-fi
-
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-bench_args() {  # all key=value overrides must stay together, right after --config
-  echo "--config $config ${overrides[*]}${*:+ $*} ${run[*]} --device $device --vs open_clip --json"
-}
-commands=() results=() failed=()
-for mode in eager compiled; do
-  if [ "$mode" = compiled ]; then args=$(bench_args trainer.compile=true); else args=$(bench_args); fi
-  commands+=("evlp bench train $args")
-  echo "== $mode: evlp bench train $args" >&2
-  start=$SECONDS
-  # shellcheck disable=SC2086  # the arguments are plain words
-  if "$PY" -m evlp.bench train $args > "$tmp/$mode.json"; then
-    results+=("$tmp/$mode.json")
-  else
-    failed+=("$mode")
+site=$(mktemp -d -t evlp-gpu-site-XXXXXX)
+trap 'rm -rf "$site"' EXIT
+if [ -n "$wheels" ]; then
+  shopt -s nullglob
+  found=("$wheels"/*.whl)
+  shopt -u nullglob
+  if [ ${#found[@]} -eq 0 ]; then
+    echo "gpu_check: no wheels in $wheels: run benchmarks/gpu_wheels.sh where PyPI is reachable and carry that" \
+         "folder to the GPU machine (benchmarks/README.md)" >&2
+    exit 2
   fi
-  echo "== $mode: $((SECONDS - start)) s" >&2
-done
-if [ ${#results[@]} -eq 0 ]; then
-  echo "gpu_check: every run failed (see above)" >&2
-  exit 1
+  "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    --target "$site" "${found[@]}"
+  echo "gpu_check: installed into $site with --no-index --no-deps: ${found[*]##*/}" >&2
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  if [ "$(cat "$wheels/evlp-source.sha256" 2>/dev/null || true)" != "$("$py" benchmarks/gpu_check.py source-hash)" ]
+  then
+    echo "gpu_check: the evlp wheel in $wheels was built from other sources than src/evlp here (rerun" \
+         "benchmarks/gpu_wheels.sh); running src/evlp instead" >&2
+    export PYTHONPATH="$PWD/src:$PYTHONPATH"
+  fi
 fi
-
-read -r card torch_version < <("$PY" -c \
-  'import json,sys; r=json.load(open(sys.argv[1])); print(r["device"].replace(" ", "_"), r["torch"])' "${results[0]}")
-report="$tmp/gpu_check.md"
-{
-  echo "### ${card//_/ }, $(date -u +%Y-%m-%d)"
-  echo
-  echo "torch $torch_version; produced by \`$invocation\`, which ran:"
-  echo
-  for c in "${commands[@]}"; do echo "    $c"; done
-  echo
-  "$PY" -m evlp.bench.report "${results[@]}"
-  for mode in ${failed[@]+"${failed[@]}"}; do echo; echo "The $mode run failed; its error is in the script's stderr."; done
-} > "$report"
-cat "$report"
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  cp "$report" "$OUT/gpu_check.md"
-fi
+status=0
+"$py" benchmarks/gpu_check.py run --invocation "$invocation" ${check_args[@]+"${check_args[@]}"} || status=$?
+exit "$status"

@@ -79,7 +79,7 @@ def test_classify_and_zero_shot_classifier(toy_run, tmp_path):
     assert [p for _, p in results] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_load_on_gpu_matches_cpu(toy_run):
     cpu_model, preprocess, tokenizer = evlp.load(toy_run[0])
     gpu_model, _, _ = evlp.load(toy_run[0], device="cuda")

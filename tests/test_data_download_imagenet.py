@@ -13,6 +13,7 @@ import evlp.pretrained.commands as pretrained
 from evlp.data import commands
 from evlp.data.imagenet import download_imagenet
 from evlp.errors import EvlpError
+from tests.needs import need_module
 from tests.test_data_download import GOOD, fake_hub
 
 
@@ -80,7 +81,7 @@ def test_imagenet_refuses_unsafe_archives_and_reports_hub_errors(tmp_path, monke
 
 
 def test_glue_saves_each_task_to_disk(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    datasets = need_module("datasets")
     asked = []
 
     def load_dataset(path, name):

@@ -1,4 +1,5 @@
-"""ImageTextShards: equal per-rank epochs, disjoint ranks, determinism, exact resume, evaluation order, bad samples."""
+"""ImageTextShards: equal per-rank epochs, ranks slicing the one-process batches, determinism, exact resume, evaluation
+order, bad samples."""
 
 import io
 import json
@@ -69,20 +70,30 @@ def test_batch_layout(data, tokenizer):
         assert meta["image_id"] == i and generate_sample(i, image_size=32).caption == caption
 
 
+def assert_ranks_slice(per_rank: list[list[dict]], whole: list[dict]) -> None:
+    """Batch b of every rank, concatenated in rank order, is batch b of one process with the whole global batch."""
+    assert all(len(batches) == len(whole) for batches in per_rank)
+    for b, one in enumerate(whole):
+        parts = [batches[b] for batches in per_rank]
+        assert sum((p["caption"] for p in parts), []) == one["caption"]
+        for key in ("image", "text", "padding_mask", "image_id"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), one[key]), key
+
+
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_ranks_get_equal_disjoint_epochs(data, tokenizer, world_size, num_workers):
-    ds = ImageTextShards(data.train_urls, tokenizer, pixels, B, train=True, shuffle_buffer=16)
+def test_ranks_get_equal_epochs_that_slice_the_one_process_batches(data, tokenizer, world_size, num_workers):
+    transform = train_transform(32, hflip=0.5)  # the augmentations must agree too
+    ds = ImageTextShards(data.train_urls, tokenizer, transform, B, train=True, shuffle_buffer=16)
     expected = 200 // (B * world_size)
     per_rank = []
     for rank in range(world_size):
         batches = epoch(ds, num_workers, epoch=2, rank=rank, world_size=world_size)
         assert len(batches) == len(ds) == expected
         assert all(len(b["caption"]) == B for b in batches)
-        per_rank.append(set(ids(batches)))
-    for r in range(world_size):
-        for q in range(r):
-            assert not per_rank[r] & per_rank[q]
+        per_rank.append(batches)
+    whole = ImageTextShards(data.train_urls, tokenizer, transform, B * world_size, train=True, shuffle_buffer=16)
+    assert_ranks_slice(per_rank, epoch(whole, num_workers, epoch=2))
 
 
 def test_workers_split_by_shard_when_there_are_enough(data, tokenizer):
@@ -92,6 +103,15 @@ def test_workers_split_by_shard_when_there_are_enough(data, tokenizer):
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 5
     # Worker 0 reads 3 shards (120 samples) for 13 batches; worker 1 reads 2 (80) for 12 and wraps around.
     assert len(set(ids(batches[0::2]))) == 13 * B and len(set(ids(batches[1::2]))) == 80
+
+
+def test_workers_split_by_sample_when_shards_are_fewer(data, tokenizer):
+    ds = ImageTextShards(data.train_urls[:1], tokenizer, pixels, B, train=True, shuffle_buffer=16)  # 40 samples
+    batches = epoch(ds, 2)
+    assert len(batches) == 5
+    # One shard for two workers: worker 0 reads its even samples, worker 1 its odd ones (batch b from worker b % 2).
+    assert {i % 2 for i in ids(batches[0::2])} == {0} and {i % 2 for i in ids(batches[1::2])} == {1}
+    assert len(set(ids(batches[0::2]))) == 3 * B - 4  # 20 even samples for 3 batches: a second pass tops it up
 
 
 def test_deterministic_and_epochs_differ(data, tokenizer):
@@ -263,8 +283,8 @@ def other(tmp_path_factory):
     return str(folder)
 
 
-def mixture(data, other, tokenizer, weights, transform=pixels, **kw):
-    return ImageTextShards([data.train_urls, other], tokenizer, transform, B, train=True, shuffle_buffer=16,
+def mixture(data, other, tokenizer, weights, transform=pixels, batch_size=B, **kw):
+    return ImageTextShards([data.train_urls, other], tokenizer, transform, batch_size, train=True, shuffle_buffer=16,
                            weights=weights, **kw)
 
 
@@ -296,24 +316,24 @@ def test_mixture_is_deterministic_and_epochs_differ(data, other, tokenizer):
 
 @pytest.mark.parametrize("weights", [[1, 3], None])  # None: in proportion to the sizes, every pair once per pass
 @pytest.mark.parametrize("num_workers,world_size", [(0, 1), (2, 1), (2, 2)])
-def test_mixture_ranks_are_equal_and_disjoint_and_resume_exactly(data, other, tokenizer, num_workers, world_size,
-                                                                 weights):
-    # 2 workers x 2 ranks = 4 slots: the first source (5 shards) is split by shard, the second (3) by sample.
+def test_mixture_ranks_are_equal_slices_and_resume_exactly(data, other, tokenizer, num_workers, world_size,
+                                                          weights):
+    # 2 worker slots: each source (5 and 3 shards) is split by shard.
     transform = CountingTransform(train_transform(32, hflip=0.5))
     ds = mixture(data, other, tokenizer, weights, transform=transform)
     per_rank = []
     for rank in range(world_size):
         full = epoch(ds, num_workers, epoch=3, rank=rank, world_size=world_size)
         assert len(full) == len(ds) == 260 // (B * world_size)
-        per_rank.append(set(ids(full)))
+        per_rank.append(full)
         for s in (3, 5):
             transform.calls = 0
             resumed = epoch(ds, num_workers, epoch=3, start_batch=s, rank=rank, world_size=world_size)
             assert_same(resumed, full[s:])
             if num_workers == 0:
                 assert transform.calls == (len(full) - s) * B  # skipped batches are never decoded
-    if world_size == 2:
-        assert not per_rank[0] & per_rank[1]
+    whole = mixture(data, other, tokenizer, weights, transform=transform, batch_size=B * world_size)
+    assert_ranks_slice(per_rank, epoch(whole, num_workers, epoch=3))
 
 
 # -- how batches mix: sources pair by pair, several shards at once -----------------------------------------------
@@ -394,8 +414,8 @@ def test_each_worker_reads_several_shards_at_once(three_sources, tokenizer):
     spread = {}
     for width in (1, 32):
         ds = ImageTextShards(three_sources, tokenizer, pixels, MB, train=True, shuffle_buffer=64, open_shards=width)
-        _, shards = composition(epoch(ds, 0))
-        spread[width] = shards.mean()
+        _, per_batch = composition(epoch(ds, 0))
+        spread[width] = per_batch.mean()
     assert spread[1] < 8 and spread[32] > 2 * spread[1], spread
 
 

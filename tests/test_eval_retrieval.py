@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from evlp.eval import chance_retrieval_metrics, retrieval_hits, retrieval_metrics
 from evlp.eval.retrieval import rank_counts
+from tests.needs import CLIP_BENCHMARK, need_module
 
 KS = (1, 5, 10)
 KEYS = {"TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"}
-CLIP_BENCHMARK_INSTALL = "pip install --no-deps clip-benchmark==1.6.2"
 
 
 def from_scores(scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,10 +77,7 @@ def rank_reference_hits(images, texts, text_to_image) -> tuple[torch.Tensor, tor
 
 def clip_benchmark_hits(images, texts, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query hits exactly as clip_benchmark.metrics.zeroshot_retrieval.evaluate computes them."""
-    zr = pytest.importorskip(
-        "clip_benchmark.metrics.zeroshot_retrieval",
-        reason=f"CLIP_benchmark is not installed; for this cross-check run: {CLIP_BENCHMARK_INSTALL}",
-    )
+    zr = need_module("clip_benchmark.metrics.zeroshot_retrieval", CLIP_BENCHMARK)
     scores = texts @ images.T  # (M, N), as in evaluate()
     positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
     positive_pairs[torch.arange(len(scores)), text_to_image] = True

@@ -18,11 +18,12 @@ from evlp.eval import glue_metrics as gm
 from evlp.finetune import glue
 from evlp.finetune.runner import run_finetune
 from tests.api_support import toy_run  # noqa: F401
+from tests.needs import need_module
 
-datasets = pytest.importorskip("datasets")
+datasets = need_module("datasets", module_level=True)
 datasets.disable_progress_bars()
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-stats = pytest.importorskip("scipy.stats")
+sklearn_metrics = need_module("sklearn.metrics", module_level=True)
+stats = need_module("scipy.stats", module_level=True)
 
 CONFIGS = {"cola": "cola", "mnli": "mnli", "mrpc": "mrpc", "qnli": "qnli", "qqp": "qqp", "rte": "rte",
            "sst": "sst2", "stsb": "stsb", "wnli": "wnli"}
@@ -123,26 +124,6 @@ def test_corpus_metrics_differ_from_the_originals_batch_means():
     batch_mean = np.mean([100 * stats.spearmanr(predicted[b], scores[b])[0] for b in batches])
     assert gm.spearman(predicted, scores) == pytest.approx(100 * stats.spearmanr(predicted, scores)[0])
     assert abs(gm.spearman(predicted, scores) - batch_mean) > 0.1
-
-
-def test_validation_scores_each_sample_once(toy_run, glue_root, tmp_path):
-    """A DistributedSampler pads the last ranks with repeated samples; the module drops them by index."""
-    checkpoint, _ = toy_run
-    cfg = load_config("fine_tuning/mrpc", overrides(tmp_path, checkpoint, glue_root))
-    module = glue.build_task(cfg).module
-    logged = {}
-    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
-    module.gather_outputs = lambda tensor: tensor  # what all ranks gathered: 10 samples on 3 ranks of 4
-    y = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 1, 1])
-    logits = torch.randn(10, 2)
-    order = torch.tensor([0, 3, 6, 9, 1, 4, 7, 0, 2, 5, 8, 1])  # DistributedSampler: index i -> rank i % 3
-    module.on_validation_epoch_start()
-    module._outputs[0] += [(order[:6], logits[order[:6]], y[order[:6]]), (order[6:], logits[order[6:]], y[order[6:]])]
-    module.on_validation_epoch_end()
-    predicted = logits.argmax(-1).numpy()
-    assert logged["val/f1"] == pytest.approx(100 * sklearn_metrics.f1_score(y.numpy(), predicted))
-    assert logged["val/accuracy"] == pytest.approx(100 * sklearn_metrics.accuracy_score(y.numpy(), predicted))
-    assert logged["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -130,3 +130,25 @@ def test_logit_scales_are_clamped_to_100():
         student.logit_scales.fill_(10.0)
     student.clamp_logit_scales(100.0)
     assert torch.allclose(student.logit_scales.exp(), torch.full((2,), 100.0))
+
+
+def test_text_tower_dropout_is_set_by_the_config_everywhere_in_the_tower():
+    from omegaconf import OmegaConf
+
+    from evlp.config import TextTowerConfig
+    from evlp.errors import EvlpError
+    from evlp.models.build import build_text_tower
+
+    def tower(**values):
+        cfg = OmegaConf.merge(OmegaConf.structured(TextTowerConfig),
+                              dict(width=32, num_heads=2, depth=2, max_positions=16, **values))
+        return build_text_tower(cfg, load_weights=False)
+
+    dropouts = [m.p for m in tower().modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 1 + 3 * 2 and set(dropouts) == {0.1}  # BERT's own: embeddings, 3 per layer
+    off = tower(dropout=0.0).train()
+    assert {m.p for m in off.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    _, ids, pad = batch()
+    torch.testing.assert_close(off.forward_features(ids, pad), off.eval().forward_features(ids, pad))
+    with pytest.raises(EvlpError, match="model.text_tower.dropout=1.5"):
+        tower(dropout=1.5)

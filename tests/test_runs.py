@@ -103,3 +103,41 @@ def test_finetune_runs_never_touch_each_other(toy_run, imagenet_dir, tmp_path, c
     assert any("this run is imagenet_finetune-2" in r.getMessage() for r in caplog.records)
     assert Path(results["best"]["checkpoint"]).parent == tmp_path / "models" / "imagenet_finetune-2"
     assert (tmp_path / "logs" / "imagenet_finetune-2" / "report.md").is_file()
+
+
+def test_every_rank_of_a_multi_process_run_takes_rank_0s_name(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from omegaconf import OmegaConf
+
+    from evlp.train import runs
+
+    def cfg():
+        return OmegaConf.create({"run_name": "mine", "resume": None, "log_dir": str(tmp_path / "logs"),
+                                 "model_path": str(tmp_path / "models")})
+
+    (tmp_path / "logs" / "mine").mkdir(parents=True)
+    old = tmp_path / "logs" / "mine" / "metrics.csv"
+    old.write_text("step\n")
+    os.utime(old, (time.time() - 3600,) * 2)  # an earlier run's file
+    monkeypatch.delenv(runs.CLAIM_ENV, raising=False)
+    rank0 = cfg()
+    runs.claim_run_folders(rank0)
+    assert rank0.run_name == "mine-2"
+    (tmp_path / "logs" / "mine-2").mkdir()
+    (tmp_path / "logs" / "mine-2" / "config.yaml").write_text("run_name: mine-2\n")  # rank 0 starts writing
+
+    # A rank Lightning starts as rank 0's child sees mine-2 taken, but takes rank 0's choice from its environment.
+    monkeypatch.setattr(os, "getppid", lambda: os.getpid())
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    child = cfg()
+    runs.claim_run_folders(child)
+    assert child.run_name == "mine-2"
+
+    # A rank torchrun started beside rank 0 ignores what its siblings wrote since the ranks started.
+    monkeypatch.delenv(runs.CLAIM_ENV)
+    monkeypatch.setenv("RANK", "1")
+    sibling = cfg()
+    runs.claim_run_folders(sibling)
+    assert sibling.run_name == "mine-2"

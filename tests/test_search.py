@@ -16,6 +16,7 @@ from evlp.errors import EvlpError
 from evlp.search import ImageIndex, build_index, search_text
 from evlp.cli import main as evlp_main
 from tests.api_support import TOY_EXPORT, toy_run  # noqa: F401  (toy_run: session fixture)
+from tests.needs import need_module
 
 
 class CountingModel:
@@ -149,7 +150,7 @@ def test_search_ranks_by_cosine_and_faiss_agrees(toy_run, photos, tmp_path, caps
     assert [p for p, _ in hits] == [p for _, p in expected]
     assert [s for _, s in hits] == pytest.approx([s for s, _ in expected], abs=1e-6)
 
-    pytest.importorskip("faiss")
+    need_module("faiss")
     monkeypatch.setattr("evlp.search.FAISS_MIN_VECTORS", 1)
     faiss_hits = search_text(ImageIndex.load(out), loaded, [query], top=3)[0]
     assert [p for p, _ in faiss_hits] == [p for p, _ in hits]

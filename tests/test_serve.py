@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
+from tests.needs import need_module, need_path
+
+need_module("fastapi", module_level=True)
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -104,12 +106,10 @@ def test_classify_upload(served):
     assert no_classes.status_code == 400
 
 
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_page_in_a_browser(served):
-    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = str(need_path(shutil.which("chromium") or "/usr/bin/chromium",
+                             "apt-get install -y chromium (./dev test installs it)"))
+    playwright = need_module("playwright.sync_api")
     import uvicorn
 
     loaded, index, photos = served
@@ -124,7 +124,7 @@ def test_page_in_a_browser(served):
         while not server.started:
             time.sleep(0.05)
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            browser = p.chromium.launch(executable_path=chromium, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")

@@ -133,6 +133,34 @@ def check_resume(tmp_path, *extra, batches_per_epoch=3):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_resume_between_two_checkpoints_drops_the_log_rows_after_the_checkpoint(tmp_path):
+    """Checkpoints at steps 3 and 6, each at the end of an epoch (3 batches); the run dies at step 5, after logging
+    steps 0-3. The resumed run restarts from step 3: the training row the first run logged for step 3 is
+    dropped (else metrics.csv would hold it twice), the validation of step 3 (the checkpoint's weights) is kept,
+    and the whole log equals an uninterrupted run's, row for row, dropout included."""
+    common = ["trainer.max_steps=8", "trainer.max_epochs=-1", "trainer.checkpoint_every_n_steps=3",
+              "eval.retrieval=false", "eval.zeroshot=false", "eval.zeroshot_callback=null",
+              "eval.retrieval_callback=null"]
+    run_pretraining(tiny_cfg(tmp_path / "straight", *common))
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        run_pretraining(tiny_cfg(interrupted, *common), extra_callbacks=[InterruptAt(5)])
+    run_dir = interrupted / "logs" / "quickstart"
+    assert [s for s, _ in list_checkpoints(interrupted / "models" / "quickstart")] == [3]
+    assert max(train_losses(run_dir)) == 3  # a row past the checkpoint, which the resume must drop
+    run_pretraining(tiny_cfg(interrupted, *common, "resume=latest"))
+
+    def rows(folder):
+        with (folder / "logs" / "quickstart" / "metrics.csv").open() as f:
+            return [(r["step"], r["name"], float(r["value"])) for r in csv.DictReader(f)
+                    if r["name"].startswith(("train/", "val/"))]
+
+    expected, resumed = rows(tmp_path / "straight"), rows(interrupted)
+    assert [r[:2] for r in resumed] == [r[:2] for r in expected]  # each (step, metric) once, in order
+    for (step, name, want), (_, _, got) in zip(expected, resumed):
+        assert got == pytest.approx(want, abs=1e-6), (step, name)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     class Poison(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):

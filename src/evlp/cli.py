@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_finetune(sub)  # finetune, sweep {glue,retrieval,vision}
     from evlp.bench.commands import register as register_bench
 
-    register_bench(sub)  # bench {train,data,eval}
+    register_bench(sub)  # bench {train,max-batch,data,eval}
     return parser
 
 

@@ -53,6 +53,7 @@ class TextTowerConfig:
     width: int = 768
     num_heads: int = 12
     max_positions: int = 512
+    dropout: Optional[float] = None  # every dropout of the tower (hidden, attention); None = the model's own (BERT 0.1)
 
 
 @dataclass

@@ -35,7 +35,8 @@ Deliberate differences from the original EV-LP code (``src/modules/losses.py``):
   vectors + bank (labels ``arange(B)``), so the other ranks' current teacher vectors were no negatives at all and the
   loss depended on how the batch was split over GPUs. With the gathered batch, W ranks compute exactly what one process
   computes on the concatenated batch, and the in-batch validation loss is the same function with the bank switched off.
-* Logits are computed in float32 even under autocast (the bank softmax runs over 65k+ columns).
+* Logits are computed in float32 even under autocast (the bank softmax runs over 65k+ columns); float64 inputs
+  stay float64 (the reference test of the whole step runs in float64).
 """
 
 from __future__ import annotations
@@ -75,15 +76,20 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
-def _local_labels(batch_size: int, device: torch.device) -> Tensor:
-    # Row i of this rank's queries is row B*rank + i of the gathered keys.
-    return torch.arange(batch_size, device=device) + batch_size * _global_rank()
+def _local_labels(batch_size: int, device: torch.device, gather: bool = True) -> Tensor:
+    # Row i of this rank's queries is row B*rank + i of the gathered keys (row i of its own keys without a gather).
+    return torch.arange(batch_size, device=device) + (batch_size * _global_rank() if gather else 0)
+
+
+def fp32_or_wider(x: Tensor) -> Tensor:
+    """Half-precision tensors (autocast) in float32 for the loss math; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _scaled_logits(queries: Tensor, keys: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """``s * queries @ keys.T`` in float32, outside autocast (which would run the matmul in half precision)."""
+    """``s * queries @ keys.T`` in float32 or wider, outside autocast (which would run the matmul in half precision)."""
     with torch.autocast(queries.device.type, enabled=False):
-        return logit_scale * (queries.float() @ keys.float().T)
+        return logit_scale * (fp32_or_wider(queries) @ fp32_or_wider(keys).T)
 
 
 def _ce_and_acc(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,22 +102,25 @@ class ContrastiveLoss(nn.Module):
     """CLIP image-text contrastive loss over the global batch (local loss, features gathered with gradient)."""
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                sample_ids: Tensor | None = None) -> dict[str, Tensor]:
+                sample_ids: Tensor | None = None, gather: bool = True) -> dict[str, Tensor]:
         """``(B, D)`` L2-normalised features and the exponentiated scale -> ``{loss, image_loss, text_loss, image_acc,
         text_acc}``; ``image_loss`` is image->text CE, ``text_loss`` text->image CE, accs are detached fractions.
 
         ``sample_ids`` (B,) integer, optional: the image each pair shows. Pairs of the global batch that show the same
         image as a query's own pair (another caption of that image) are then removed from its negatives: each
         query's candidates are its positive and the pairs of other images (retrieval fine-tuning, where a batch can
-        hold several captions of one image)."""
-        all_image = gather_with_grad(image_features)  # (B*W, D)
-        all_text = gather_with_grad(text_features)  # (B*W, D)
-        labels = _local_labels(image_features.shape[0], image_features.device)  # (B,)
+        hold several captions of one image).
+
+        ``gather=False``: each process's batch alone (where every process holds the same whole batch, as in
+        validation over shards, gathering would repeat every key W times)."""
+        all_image = gather_with_grad(image_features) if gather else image_features  # (B*W, D)
+        all_text = gather_with_grad(text_features) if gather else text_features  # (B*W, D)
+        labels = _local_labels(image_features.shape[0], image_features.device, gather)  # (B,)
 
         logits_per_image = _scaled_logits(image_features, all_text, logit_scale)  # (B, B*W)
         logits_per_text = _scaled_logits(text_features, all_image, logit_scale)  # (B, B*W)
         if sample_ids is not None:
-            all_ids = gather_no_grad(sample_ids)  # (B*W,)
+            all_ids = gather_no_grad(sample_ids) if gather else sample_ids  # (B*W,)
             same_image = sample_ids[:, None] == all_ids[None, :]  # (B, B*W), the relation is symmetric
             same_image[torch.arange(len(labels), device=labels.device), labels] = False  # keep the positives
             logits_per_image = logits_per_image.masked_fill(same_image, float("-inf"))
@@ -159,13 +168,14 @@ class ContrastiveDistillationLoss(nn.Module):
             logit_scale: Tensor | float,
             use_memory_bank: bool = True,
             update_memory_bank: bool | None = None,
+            gather: bool = True,
     ) -> dict[str, Tensor]:
         """``(B, D)`` L2-normalised student image, student text and teacher vectors -> ``{loss, image_loss, text_loss,
         image_acc, text_acc}``.
 
         Candidates are the teacher vectors of the global batch (rank order) followed by the valid bank rows.
         ``update_memory_bank`` defaults to ``use_memory_bank and self.training``; the push happens after the loss, so a
-        batch is never its own negative.
+        batch is never its own negative. ``gather=False``: this process's batch alone, as in :class:`ContrastiveLoss`.
         """
         if not image_features.shape == text_features.shape == teacher_features.shape:
             raise ValueError(
@@ -178,8 +188,8 @@ class ContrastiveDistillationLoss(nn.Module):
             update_memory_bank = use_memory_bank and self.training
         has_bank = self.memory_bank_size > 0
 
-        teacher = gather_no_grad(teacher_features).float()  # (B*W, D)
-        labels = _local_labels(image_features.shape[0], image_features.device)  # (B,)
+        teacher = fp32_or_wider(gather_no_grad(teacher_features) if gather else teacher_features.detach())  # (B*W, D)
+        labels = _local_labels(image_features.shape[0], image_features.device, gather)  # (B,)
 
         bank = None
         if use_memory_bank and has_bank:

@@ -1,5 +1,6 @@
-"""The ``evlp bench`` command group. ``register(subparsers)`` adds ``bench`` and its subcommands (``train``; others
-plug in beside it with their own ``_add_<name>(kinds)``). Heavy imports happen inside the handlers."""
+"""The ``evlp bench`` command group. ``register(subparsers)`` adds ``bench`` and its subcommands (``train``,
+``max-batch``; others plug in beside them with their own ``_add_<name>(kinds)``). Heavy imports happen inside the
+handlers."""
 
 from __future__ import annotations
 
@@ -40,10 +41,46 @@ def _add_train(kinds) -> None:
     p.set_defaults(handler=cmd_bench_train)
 
 
+def cmd_bench_max_batch(args) -> int:
+    from evlp.bench.report import format_max_batch
+    from evlp.bench.train import run_max_batch
+    from evlp.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_max_batch(cfg, args.config or "quickstart", start=args.start, limit=args.limit,
+                           multiple=args.multiple, time_limit=args.time_limit, steps=args.steps, device=args.device,
+                           compile_backend=args.compile_backend)
+    print(json.dumps(result, indent=2) if args.json else format_max_batch(result))
+    return 0
+
+
+def _add_max_batch(kinds) -> None:
+    p = kinds.add_parser(
+        "max-batch", help="the largest batch of the training step that fits in GPU memory",
+        description="Builds the config's training step once (random weights) and runs full steps on synthetic "
+                    "batches of growing size: doubling from --start until one runs out of memory, then bisection "
+                    "to a multiple of --multiple, within --time-limit. Reports each probe's peak memory.",
+    )
+    p.add_argument("--config", default=None, help="packaged config name, e.g. training/s_smke (default: quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. trainer.grad_checkpointing=true")
+    p.add_argument("--start", type=int, default=256, help="first batch size tried (default 256)")
+    p.add_argument("--limit", type=int, default=None, help="largest batch size tried (required on CPU)")
+    p.add_argument("--multiple", type=int, default=32, help="answer to this multiple (default 32)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds after which no probe starts (default 60)")
+    p.add_argument("--steps", type=int, default=2, help="steps per probe (default 2: the first creates AdamW's state)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend when trainer.compile=true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_bench_max_batch)
+
+
 def register(subparsers) -> argparse.ArgumentParser:
-    bench = subparsers.add_parser("bench", help="measure the toolkit: training step vs open_clip, data pipeline, evaluation ranking")
+    bench = subparsers.add_parser("bench", help="measure the toolkit: training step vs open_clip, largest batch, "
+                                                "data pipeline, evaluation ranking")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     _add_train(kinds)
+    _add_max_batch(kinds)
     from evlp.bench.data import register_data
     from evlp.bench.eval import register_eval
 

@@ -52,6 +52,33 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_max_batch(r: dict) -> str:
+    """``evlp bench max-batch``: the answer, then every probe in order."""
+    memory = f" of {r['memory_gb']:.1f} GB" if r["memory_gb"] else ""
+    mem = "peak mem GB" if r["device"] != "cpu" else "max RSS GB (process)"
+    if r["largest_fit"] is None:
+        answer = (f"no batch of {r['multiple']} or more fits" if r["complete"]
+                  else "no probe fitted before the time limit")
+    else:
+        answer = f"largest batch that fits: {r['largest_fit']}"
+        if r["smallest_failed"] is not None:
+            answer += f" ({r['smallest_failed']} did not)"
+        if r["largest_fit"] == r["limit"]:
+            answer += " = --limit"
+        if not r["complete"]:
+            answer += (f"; stopped at the time limit ({r['time_limit_s']:.0f} s) before the search narrowed to a "
+                       f"multiple of {r['multiple']}")
+    lines = [
+        f"evlp bench max-batch: config {r['config']}, {r['device']}{memory}, {r['precision']}, {_mode(r)}, "
+        f"{r['steps_per_probe']} steps per probe, torch {r['torch']}",
+        answer,
+        f"{'batch':>8} {'fits':>5} {mem:>12}",
+        *(f"{p['batch_size']:>8} {'yes' if p['fits'] else 'no':>5} "
+          f"{p['peak_mem_gb'] if p['peak_mem_gb'] is not None else float('nan'):>12.2f}" for p in r["probes"]),
+    ]
+    return "\n".join(lines)
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per model per result; achieved FLOP/s in GFLOP/s on CPU, TFLOP/s on GPU."""
     cpu = all(r["device"] == "cpu" for r in results)

@@ -23,7 +23,9 @@ import contextlib
 import math
 import resource
 import statistics
+import sys
 import time
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -228,31 +230,41 @@ def figures(model: TrainStep, seconds: list[float], batch_size: int, peak_bytes:
     }
 
 
-def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
-              device: str | None = None, vs: str | None = None, compile_backend: str = "inductor") -> dict:
-    """Build, time and count; returns the JSON-ready result (see the module docstring)."""
+def resolve_device(device: str | None) -> torch.device:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvlpError("--device cuda: no CUDA device is visible to PyTorch")
-    if steps < 1 or warmup < 0:
-        raise EvlpError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    batch_size = batch_size or cfg.data.batch_size
-    dtype = autocast_dtype(cfg.trainer.precision, device)
-    torch.manual_seed(cfg.seed)
+    return device
 
+
+def build_evlp_step(cfg: DictConfig, device: torch.device, dtype: torch.dtype | None, batch_size: int,
+                    compile_backend: str) -> tuple[EvlpStep, dict]:
+    """The evlp step with random weights (seeded by the config) and a synthetic batch of ``batch_size`` for it."""
+    torch.manual_seed(cfg.seed)
     # The quickstart's text tower is sized by its own small vocabulary; other random towers get BERT's.
     from evlp.info import data_tokenizer
 
     tokenizer = data_tokenizer(cfg)
     evlp = EvlpStep(cfg, device, dtype, batch_size, compile_backend, tokenizer)
+    ids = {} if tokenizer is None else {"cls_id": tokenizer.cls_token_id, "pad_id": tokenizer.pad_token_id}
+    return evlp, synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed, **ids)
+
+
+def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
+              device: str | None = None, vs: str | None = None, compile_backend: str = "inductor") -> dict:
+    """Build, time and count; returns the JSON-ready result (see the module docstring)."""
+    device = resolve_device(device)
+    if steps < 1 or warmup < 0:
+        raise EvlpError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    batch_size = batch_size or cfg.data.batch_size
+    dtype = autocast_dtype(cfg.trainer.precision, device)
+    evlp, batch = build_evlp_step(cfg, device, dtype, batch_size, compile_backend)
     models: list[TrainStep] = [evlp]
     if vs == "open_clip":
         try:
             models.append(OpenClipStep(cfg, device, dtype, batch_size, evlp.module.student, compile_backend))
         except ImportError:
             raise EvlpError("--vs open_clip needs open_clip_torch (pip install -e '.[test]')") from None
-    ids = {} if tokenizer is None else {"cls_id": tokenizer.cls_token_id, "pad_id": tokenizer.pad_token_id}
-    batch = synthetic_batch(cfg, batch_size, evlp.vocab_size, device, cfg.seed, **ids)
     times, peaks = time_steps(models, batch, steps, warmup)
 
     if device.type == "cuda":
@@ -279,3 +291,95 @@ def run_bench(cfg: DictConfig, config_name: str, batch_size: int | None = None, 
         result["open_clip"] = other
     return result
 
+
+def largest_batch(peak_at: Callable[[int], float | None], start: int, limit: int, multiple: int,
+                  deadline: float) -> dict:
+    """The largest batch size that fits: ``peak_at(batch)`` runs steps at that size and returns their peak memory
+    in bytes, or None when it ran out of memory. Doubles from ``start`` until a size does not fit (or reaches
+    ``limit``), then bisects between the largest size that fit and the smallest that did not, to a multiple of
+    ``multiple``. No probe starts after ``deadline`` (``time.monotonic()``); ``complete`` says whether the answer
+    is exact to ``multiple`` (or is ``limit``)."""
+    fit, failed, probes = None, None, []
+
+    def fits(batch: int) -> bool:
+        peak = peak_at(batch)
+        probes.append({"batch_size": batch, "fits": peak is not None, "peak_mem_gb": peak / 1e9 if peak else None})
+        return peak is not None
+
+    batch, complete = start, False
+    while time.monotonic() < deadline:
+        if not fits(batch):
+            failed = batch
+            break
+        fit = batch
+        if batch >= limit:
+            complete = True
+            break
+        batch = min(2 * batch, limit)
+    while failed is not None:
+        low = fit or 0
+        middle = (low + failed) // 2 // multiple * multiple
+        if middle <= low:  # the two are within one multiple: done
+            complete = True
+            break
+        if time.monotonic() >= deadline:
+            break
+        if fits(middle):
+            fit = middle
+        else:
+            failed = middle
+    return {"largest_fit": fit, "smallest_failed": failed, "complete": complete, "probes": probes}
+
+
+def run_max_batch(cfg: DictConfig, config_name: str, start: int = 256, limit: int | None = None, multiple: int = 32,
+                  time_limit: float = 60.0, steps: int = 2, device: str | None = None,
+                  compile_backend: str = "inductor") -> dict:
+    """``evlp bench max-batch``: the largest batch of the config's training step that fits in GPU memory (see
+    ``largest_batch``); each probe runs ``steps`` full steps (the first creates AdamW's state) on one model built
+    once. On CPU nothing stops an allocation short of the machine's memory, so ``limit`` is required there."""
+    device = resolve_device(device)
+    if device.type == "cpu" and limit is None:
+        raise EvlpError("bench max-batch on CPU needs --limit: only a GPU reports running out of memory")
+    if min(start, multiple, steps) < 1 or time_limit <= 0 or (limit is not None and limit < start):
+        raise EvlpError("bench max-batch needs --start, --multiple, --steps >= 1, --time-limit > 0 and "
+                        "--limit >= --start")
+    deadline = time.monotonic() + time_limit
+    dtype = autocast_dtype(cfg.trainer.precision, device)
+    # Larger batches repeat these rows on the device: drawing thousands of random images on the CPU takes seconds.
+    evlp, rows = build_evlp_step(cfg, device, dtype, start, compile_backend)
+
+    def peak_at(batch_size: int) -> float | None:
+        batch, peak = None, None
+        try:
+            batch = {k: v[torch.arange(batch_size, device=device) % start] for k, v in rows.items()}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(steps):
+                evlp.step(batch)
+            _sync(device)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+            else:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's; Linux reports KiB
+        except torch.cuda.OutOfMemoryError:
+            pass
+        finally:  # whatever the failed step left behind goes before the next probe
+            del batch
+            evlp.optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        # One line per probe as it ends, so a run cut short still tells what it found.
+        print(f"max-batch: {batch_size} " + (f"fits, peak {peak / 1e9:.2f} GB" if peak else "does not fit"),
+              file=sys.stderr, flush=True)
+        return peak
+
+    search = largest_batch(peak_at, start, limit or 1 << 20, multiple, deadline)
+    cuda = device.type == "cuda"
+    t = cfg.trainer
+    return {
+        "config": config_name, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "memory_gb": torch.cuda.get_device_properties(device).total_memory / 1e9 if cuda else None,
+        "precision": "bf16-mixed" if dtype is not None else "32-true", "compile": bool(t.compile),
+        "grad_checkpointing": bool(t.grad_checkpointing), "steps_per_probe": steps, "start": start,
+        "limit": limit, "multiple": multiple, "time_limit_s": time_limit, "torch": torch.__version__, **search,
+    }

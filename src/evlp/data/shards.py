@@ -13,13 +13,19 @@ metadata). ``ImageTextShards`` yields batches (build the DataLoader with ``batch
 
 Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size)`` before each epoch's iter():
 
-* The epoch's shard order comes from ``(seed, epoch)``. Each (rank, worker) slot reads its own part of the data:
-  whole shards when there are at least as many shards as slots, otherwise every n-th sample of every shard. It
+* The epoch's shard order comes from ``(seed, epoch)``. Each loader worker slot reads its own part of the data:
+  whole shards when there are at least as many shards as workers, otherwise every n-th sample of every shard. It
   reads ``open_shards`` of its shards at once, taking each next sample from one of them at random (a finished
   shard is replaced by the next), and its samples pass through a shuffle buffer seeded by ``(seed, epoch, slot)``;
   a slot that runs out before its quota reads its data again.
+* The world size does not change the data: every rank reads the same stream of *global* batches of
+  ``batch_size * world_size`` pairs and decodes only its own slice of each (``rank_slice``), so W processes with
+  batch B train on exactly the batches one process with batch B*W would (same in-batch negatives, same order of the
+  memory-bank push). Each rank reads the raw bytes of every pair (W times the reading, shared by the page cache on
+  one machine); decoding and augmentation, the expensive part, are split. A slice with no decodable image at all is
+  replaced by that rank alone, after which that rank's slices no longer line up with the others'.
 * Every rank yields exactly ``len(dataset) = num_samples // (batch_size * world_size)`` batches, so DDP ranks stay
-  in step. Batch ``b`` comes from worker ``b % num_workers``, the order in which the DataLoader collects them.
+  in step. Global batch ``b`` comes from worker ``b % num_workers``, the order in which the DataLoader collects them.
 * Each sample's augmentation is drawn after seeding torch's and Python's RNGs from ``(seed, epoch, sample)``, so a
   batch is a function of its position alone. ``configure(epoch, start_batch=s)`` then reproduces batches
   ``s, s+1, ...`` of the uninterrupted epoch bit for bit: each worker skips the raw bytes of the batches already
@@ -27,7 +33,7 @@ Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size
 
 Several sources (``data.train`` in a config) are mixed pair by pair. ``urls`` is one source (a folder, a brace
 pattern, or a list of them or of shards) or a list of sources, each itself a list (with ``weights``, every entry is
-a source). Each slot reads each source through its own part of that source's shards (split over ranks x workers as
+a source). Each slot reads each source through its own part of that source's shards (split over loader workers as
 above, the shard order reshuffled per epoch and source), with its share of ``open_shards`` and of ``shuffle_buffer``
 (in proportion to the source's size or weight, so memory stays the same), and draws the source of each next sample
 with a generator seeded by ``(seed, epoch, slot)``:
@@ -41,8 +47,8 @@ with a generator seeded by ``(seed, epoch, slot)``:
   as there are. A source drawn more often than its size share is read again (a new ``pass``, with new
   augmentations), one drawn less often is only partly read in an epoch (other shards first in the next: the shard
   order changes per epoch);
-* everything above still holds: equal epochs per rank, disjoint ranks (a sample read again is read again by the
-  same slot), and exact resume, since the draws are a function of the position in the slot's stream.
+* everything above still holds: equal epochs per rank, the ranks' slices of one global batch, and exact resume,
+  since the draws are a function of the position in the slot's stream.
 
 Evaluation (``train=False``): every sample once, in shard order, the last batch possibly partial, no randomness and
 no rank split. Worker ``w`` decodes batches ``w, w + num_workers, ...`` of the common stream.
@@ -221,7 +227,7 @@ def _folder_of(urls: list[str]) -> str:
 
 
 def _slot_part(urls: list[str], order: random.Random, slot: int, num_slots: int):
-    """``(shards, select)`` of one (rank, worker) slot: after shuffling the shard order with ``order``, every
+    """``(shards, select)`` of one loader worker slot: after shuffling the shard order with ``order``, every
     ``num_slots``-th shard when there are enough, else all shards and ``select = (slot, num_slots)``: of the ``i``-th
     shard, the samples ``j`` with ``(i + j) % num_slots == slot`` (``_kept``), so the slots share out every shard."""
     shards = list(urls)
@@ -246,6 +252,12 @@ def _kept_count(counts: list[int], select: tuple[int, int] | None) -> int:
         return sum(counts)
     return sum(max(0, (n - first + step - 1) // step) for i, n in enumerate(counts)
                for first, step in [_kept(i, select)])
+
+
+def rank_slice(global_batch: list, rank: int, batch_size: int) -> list:
+    """Rank ``rank``'s part of a global batch: items ``[rank * B, (rank + 1) * B)``. The one place where the data is
+    split across DDP processes: concatenated in rank order, the ranks' batches are the global batch."""
+    return global_batch[rank * batch_size:(rank + 1) * batch_size]
 
 
 def _batches_of(worker: int, end: int, num_workers: int) -> int:
@@ -377,12 +389,14 @@ class ImageTextShards(IterableDataset):
         # s + worker, s + worker + num_workers, ...: those of worker `role` in the uninterrupted epoch.
         role = (s + worker) % num_workers
         done, quota = _batches_of(role, s, num_workers), _batches_of(role, n, num_workers)
-        records = self._slot_records(self.rank * num_workers + role, self.world_size * num_workers)
-        records = itertools.islice(records, done * self.batch_size, None)  # raw bytes only: nothing decoded
+        global_batch = self.batch_size * self.world_size
+        records = self._slot_records(role, num_workers)  # the same stream on every rank
+        records = itertools.islice(records, done * global_batch, None)  # raw bytes only: nothing decoded
         for _ in range(quota - done):
-            # None only when not one image of the batch decodes; then the next records stand in for it.
+            # None only when not one image of the slice decodes; then the next global batch stands in for it.
             for _ in range(MAX_FAILED_BATCHES):
-                batch = self._make_batch(list(itertools.islice(records, self.batch_size)))
+                batch = self._make_batch(rank_slice(list(itertools.islice(records, global_batch)), self.rank,
+                                                    self.batch_size))
                 if batch is not None:
                     break
             else:
@@ -401,7 +415,7 @@ class ImageTextShards(IterableDataset):
                     yield batch
 
     def _slot_records(self, slot: int, num_slots: int) -> Iterator[dict]:
-        """The endless record stream of one (rank, worker) slot for the configured epoch: its part of every source,
+        """The endless record stream of one loader worker slot for the configured epoch: its part of every source,
         interleaved pair by pair.
 
         Without weights the sources are drawn without replacement in proportion to what is left of the slot's part

@@ -284,7 +284,8 @@ class GlueModule(FinetuneModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.per_sample_loss(self(batch), batch["labels"]).mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["labels"]),
+                 sync_dist=True)  # the mean over every process's batch
         return loss
 
     def on_validation_epoch_start(self) -> None:

@@ -306,7 +306,7 @@ class RetrievalModule(FinetuneModule):
         optimizer.step()  # clipping, if configured, runs in on_before_optimizer_step (after AMP's unscale)
         schedule.step()
         size = len(batch["image_id"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size, sync_dist=True)
         self.log_dict({"train/image_loss": out["image_loss"], "train/text_loss": out["text_loss"],
                        "train/acc": (out["image_acc"] + out["text_acc"]) / 2,
                        "train/logit_scale": self.student.logit_scales[OUTPUT_SCALE].detach().exp()}, batch_size=size)

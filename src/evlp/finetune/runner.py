@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from evlp.config import save_config
 from evlp.errors import EvlpError
@@ -95,6 +96,19 @@ class RandomState(L.Callback):
         self._pending = None
 
 
+def shuffle_as_ddp_does(loader: DataLoader, seed: int) -> DataLoader:
+    """A shuffled training loader for one process, reshuffled each epoch as Lightning's DistributedSampler does under
+    DDP (a permutation seeded by ``seed + epoch``), so that W processes with batch B see together, step by step,
+    the batches one process with batch B*W sees. Other samplers are kept."""
+    if not isinstance(loader.sampler, RandomSampler):
+        return loader
+    sampler = DistributedSampler(loader.dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      persistent_workers=loader.persistent_workers, worker_init_fn=loader.worker_init_fn,
+                      prefetch_factor=loader.prefetch_factor)
+
+
 def build_task(cfg: DictConfig) -> FinetuneTask:
     if cfg.task not in TASKS:
         raise EvlpError(f"task={cfg.task!r} does not exist; expected one of {', '.join(TASKS)}")
@@ -152,7 +166,9 @@ def run_finetune(cfg: DictConfig) -> dict:
     )
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
-    trainer.fit(task.module, train_dataloaders=task.train_loader, val_dataloaders=task.val_loaders,
+    # Under DDP Lightning gives each process its DistributedSampler share; one process shuffles the same way.
+    train_loader = task.train_loader if trainer.world_size > 1 else shuffle_as_ddp_does(task.train_loader, cfg.seed)
+    trainer.fit(task.module, train_dataloaders=train_loader, val_dataloaders=task.val_loaders,
                 ckpt_path=str(resume_from) if resume_from else None)
     if best.validated_step != trainer.global_step and trainer.global_step > 0:
         # Training stopped between validations (max_steps inside an epoch): validate the final weights too.

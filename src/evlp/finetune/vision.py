@@ -145,7 +145,7 @@ class VisionModule(FinetuneModule):
             loss = soft_target_cross_entropy(self(images), targets)
         else:
             loss = F.cross_entropy(self(images).float(), labels, label_smoothing=self.cfg.augment.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:

@@ -18,7 +18,7 @@ from evlp.errors import EvlpError
 from evlp.models.image import Data2Vec2ImageTower
 from evlp.models.s_smke import SSMKE
 from evlp.models.teacher import BEiTv2Teacher
-from evlp.models.text import BertTextTower, bert_config
+from evlp.models.text import BertTextTower, bert_config, set_dropout
 from evlp.models.timm_donors import TimmImageTower, TimmTeacher, create_timm_model, timm_name
 from evlp.pretrained.commands import WEIGHT_URLS
 
@@ -104,7 +104,18 @@ def build_image_tower(cfg: DictConfig, load_weights: bool = True):
 
 
 def build_text_tower(cfg: DictConfig, tokenizer=None, load_weights: bool = True):
-    """``tokenizer`` (an HF tokenizer) sets the vocabulary size of a randomly initialised ``bert`` tower."""
+    """``tokenizer`` (an HF tokenizer) sets the vocabulary size of a randomly initialised ``bert`` tower;
+    ``cfg.dropout``, when set, replaces every dropout probability of the tower."""
+    tower = _text_tower(cfg, tokenizer, load_weights)
+    dropout = cfg.get("dropout")  # absent from the configs of checkpoints written before it existed
+    if dropout is not None:
+        if not 0 <= dropout < 1:
+            raise EvlpError(f"model.text_tower.dropout={dropout}: expected a probability in [0, 1)")
+        set_dropout(tower, dropout)
+    return tower
+
+
+def _text_tower(cfg: DictConfig, tokenizer, load_weights: bool):
     if cfg.kind == "hf":
         from evlp.pretrained.hf_text import load_hf_text
 

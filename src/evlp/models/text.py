@@ -55,6 +55,14 @@ def hf_attention_mask(model: PreTrainedModel, padding_mask: torch.Tensor | None)
     return keep[:, None, None, :] if sdpa else keep.long()
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of a Hugging Face encoder at probability ``p``: hidden and attention dropout are ``nn.Dropout``
+    modules, whose ``p`` the attention implementations read at each call."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
 def set_hf_checkpointing(model: PreTrainedModel, enable: bool) -> None:
     """Switch a Hugging Face model's activation checkpointing on or off."""
     # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).

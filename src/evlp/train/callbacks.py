@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from evlp.errors import EvlpError
-from evlp.train.checkpoint import checkpoint_name, list_checkpoints
+from evlp.train.checkpoint import checkpoint_name, list_checkpoints, remove_stale_temporaries
 
 log = logging.getLogger("evlp")
 
@@ -48,13 +48,19 @@ class DataPosition(L.Callback):
         self._configure()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # Lightning skips this hook for the epoch it resumes in (load_state_dict configured that one).
+        # Lightning skips this hook for the epoch it resumes in (load_state_dict configured that one). It does call it
+        # when resuming a checkpoint written at an epoch's end: the uninterrupted run captured the RNG before this
+        # epoch's data iterator drew from it, so it is restored here, before that draw.
+        self._restore_rng()
         self.epoch, self.batches_in_epoch = trainer.current_epoch, 0
         self._configure()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # Restored here rather than at load time: creating the data iterator draws from torch's RNG, which the
-        # uninterrupted run did before the checkpoint's state was captured.
+        # Mid-epoch: restored here rather than at load time, as creating the data iterator draws from torch's RNG,
+        # which the uninterrupted run did before the checkpoint's state was captured.
+        self._restore_rng()
+
+    def _restore_rng(self) -> None:
         if self._pending_rng is not None:
             torch.set_rng_state(self._pending_rng["torch_rng"])
             random.setstate(self._pending_rng["python_rng"])
@@ -87,6 +93,11 @@ class DataPosition(L.Callback):
 class StepCheckpoint(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end: ``model-{step}-{loss}-train.ckpt``, atomically.
 
+    A checkpoint due after an epoch's last batch is written at the end of that epoch, after its validation: Lightning
+    resumes such a checkpoint at the start of the next epoch. Written from the last batch's end, Lightning (2.6)
+    would resume it one epoch too far, with the data of the wrong epoch and one epoch fewer to train. (Resuming it,
+    Lightning counts the loggers' step one too far instead, which ``on_train_batch_start`` corrects.)
+
     ``loss`` is the mean training loss since the previous checkpoint (not one noisy step). A checkpoint is only
     written while every loss so far was finite; NaN/inf stops the run and points at the last good checkpoint.
     Only the ``keep_last`` newest checkpoints of this run are kept: the ones this process wrote and, when it resumed,
@@ -105,9 +116,26 @@ class StepCheckpoint(L.Callback):
         self.last_path: Path | None = None
         self.written: list[Path] = []  # this process's checkpoints, oldest first
         self.start_step = 0
+        self._due_at_epoch_end = False
+        self._resumed = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step = trainer.global_step  # > 0 after a resume
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:  # the only process that writes checkpoints
+            remove_stale_temporaries(self.folder)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._resumed = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._resumed:
+            # The step metrics.csv and TensorBoard rows carry is Lightning's count of batches that stepped, which
+            # equals global_step with one optimizer, but which Lightning restores one too high from a checkpoint
+            # written at an epoch's end (it assumes the count was saved before that batch's increment).
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self._resumed = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -117,6 +145,14 @@ class StepCheckpoint(L.Callback):
         if (batch_idx + 1) % trainer.log_every_n_steps == 0:
             self.check_finite(trainer, pl_module)
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_saved_step:
+            if batch_idx + 1 == trainer.num_training_batches:
+                self._due_at_epoch_end = True
+            else:
+                self.save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._due_at_epoch_end:
+            self._due_at_epoch_end = False
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -131,7 +167,9 @@ class StepCheckpoint(L.Callback):
     def save(self, trainer, pl_module) -> None:
         self.check_finite(trainer, pl_module)
         step = trainer.global_step
-        mean_loss = (self._loss_sum / self._loss_count).item() if self._loss_count else float("nan")
+        mean_loss = float("nan")
+        if self._loss_count:  # the mean over every process's batches (the step losses are each process's slice)
+            mean_loss = float(trainer.strategy.reduce(self._loss_sum / self._loss_count, reduce_op="mean"))
         path = self.folder / checkpoint_name(step, mean_loss)
         trainer.save_checkpoint(path, weights_only=False)
         self._loss_sum, self._loss_count = None, 0
@@ -158,6 +196,10 @@ class BestCheckpoint(L.Callback):
         self.best_path: Path | None = None
         self.best_step: int | None = None
         self.validated_step: int | None = None  # the step of the latest validation
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # the only process that writes checkpoints
+            remove_stale_temporaries(self.folder)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -303,11 +345,13 @@ class CSVLogger(Logger):
         return ""
 
     def truncate_after(self, step: int) -> None:
-        """Keep the rows of the ``step`` optimizer steps a checkpoint holds (rows are numbered from 0)."""
+        """Keep the rows of the ``step`` optimizer steps a checkpoint holds (rows are numbered from 0), and the
+        validation at ``step``: it evaluated the checkpoint's weights, and the resumed run does not repeat it."""
         kept = []
         if self.path.exists():
             with self.path.open() as f:
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+                kept = [r for r in csv.DictReader(f)
+                        if int(r["step"]) < step or (int(r["step"]) == step and r["name"].startswith("val/"))]
         self._write(kept, "w")
 
     def _write(self, rows: list[dict], mode: str) -> None:

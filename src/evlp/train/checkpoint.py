@@ -1,12 +1,15 @@
 """Checkpoint files: atomic writes, the original's names, finding the latest one to resume from.
 
 Names follow the original: ``<model_path>/<run_name>/model-{step}-{loss:.4f}-train.ckpt``. A checkpoint is written
-to a temporary file in the same folder, flushed to disk and then renamed over its final name, so a process killed
-mid-write never leaves a truncated file under a real checkpoint name and never replaces a good one.
+to a temporary file in the same folder (``.<name>.<random>.tmp``), flushed to disk, renamed over its final name, and
+then the folder itself is flushed, so that the rename survives a power loss too. A process killed mid-write never
+leaves a truncated file under a real checkpoint name and never replaces a good one; the temporary file it leaves is
+removed when the same run starts again (``remove_stale_temporaries``, called by the checkpoint callbacks).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -20,7 +23,10 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from evlp.errors import EvlpError
 from evlp.pretrained.towers import fit_problems, load_exact
 
+log = logging.getLogger("evlp")
+
 CHECKPOINT_RE = re.compile(r"^model-(\d+)-(-?[\d.]+|nan|inf)-(train|val)\.ckpt$")
+TEMPORARY_GLOB = ".*.ckpt.*.tmp"  # what atomic_torch_save writes before the rename
 
 
 def checkpoint_name(step: int, loss: float, kind: str = "train") -> str:
@@ -40,6 +46,32 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk. A no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary checkpoint files an interrupted write left in ``folder`` (this run's checkpoint folder,
+    nothing else); call it before the run writes its first checkpoint. Returns what was removed."""
+    removed = []
+    if Path(folder).is_dir():
+        for tmp in sorted(Path(folder).glob(TEMPORARY_GLOB)):
+            size = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+            log.info("removed %s (%.1f MB), left by a checkpoint write that was interrupted", tmp, size / 1e6)
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -6,7 +6,9 @@
     itc = ½ (CLIP(img.x_interm, txt.x_interm, s0) + CLIP(img.x, txt.x, s1))    # s0, s1 learnable, clamped ≤ 100
     loss = kd + itc
 
-Validation uses in-batch KD (no bank) and logs ``val/loss`` = KD as the original did, plus the ITC terms.
+Validation uses in-batch KD (no bank) and logs ``val/loss`` = KD as the original did, plus the ITC terms. Every
+process validates on the whole validation set (the shards are not split for evaluation), so validation losses use
+the process's own batch and do not gather: a gather would repeat each batch W times among the candidates.
 The teacher is never saved: checkpoints hold the student, the memory bank and the training state only.
 """
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from evlp.data.transforms import normalize_images
-from evlp.losses import ContrastiveDistillationLoss, ContrastiveLoss
+from evlp.losses import ContrastiveDistillationLoss, ContrastiveLoss, fp32_or_wider
 from evlp.models.build import build_student, build_teacher
 from evlp.train.optim import build_optimizer, scaled_lr, warmup_cosine
 
@@ -59,16 +61,16 @@ class PretrainModule(L.LightningModule):
     def _losses(self, batch: dict, train: bool) -> dict:
         images, text, padding_mask = batch["image"], batch["text"], batch["padding_mask"]
         with torch.no_grad():
-            target = F.normalize(self.teacher(images).float(), dim=-1)  # (B, Dt)
+            target = F.normalize(fp32_or_wider(self.teacher(images)), dim=-1)  # (B, Dt)
         self.student.clamp_logit_scales(self.cfg.loss.max_logit_scale)
         img, txt = self.student(images, text, padding_mask)
         kd = self.kd_loss(
-            F.normalize(img["kd"].float(), dim=-1), F.normalize(txt["kd"].float(), dim=-1), target,
-            self.kd_logit_scale, use_memory_bank=train,
+            F.normalize(fp32_or_wider(img["kd"]), dim=-1), F.normalize(fp32_or_wider(txt["kd"]), dim=-1), target,
+            self.kd_logit_scale, use_memory_bank=train, gather=train,
         )
         scales = self.student.logit_scales.exp()
-        itc_interm = self.itc_loss(img["x_interm"], txt["x_interm"], scales[0])
-        itc = self.itc_loss(img["x"], txt["x"], scales[1])
+        itc_interm = self.itc_loss(img["x_interm"], txt["x_interm"], scales[0], gather=train)
+        itc = self.itc_loss(img["x"], txt["x"], scales[1], gather=train)
         itc_loss = (itc_interm["loss"] + itc["loss"]) / 2
         return {
             "loss": kd["loss"] + itc_loss if train else kd["loss"],
@@ -84,8 +86,10 @@ class PretrainModule(L.LightningModule):
         out = self._losses(batch, train=True)
         self.nonfinite |= ~torch.isfinite(out["loss"].detach())
         batch_size = batch["image"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=batch_size)
+        # Means over the global batch, as the original logged them (one process holds only its slice).
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=batch_size,
+                      sync_dist=True)
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

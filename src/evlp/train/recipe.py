@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from evlp.config import save_config
 from evlp.data.shards import make_loader
@@ -55,12 +55,25 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+def several_processes(t: DictConfig) -> bool:
+    """Whether ``cfg.trainer`` asks for more than one process (several GPUs, CPU processes or nodes)."""
+    if t.num_nodes > 1:
+        return True
+    devices = t.devices
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices) > 1
+    if isinstance(devices, str) and "," in devices:  # GPU indices, "0,1"
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    if str(devices) in ("auto", "-1"):  # every visible GPU; one process on CPU
+        return t.accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() > 1
+    return int(devices) > 1
+
+
 def build_strategy(cfg: DictConfig):
     t = cfg.trainer
     if t.strategy != "auto":
         return t.strategy
-    many = t.num_nodes > 1 or (torch.cuda.is_available() and torch.cuda.device_count() > 1 and t.devices != 1)
-    if many:
+    if several_processes(t):
         from lightning.pytorch.strategies import DDPStrategy
 
         # The memory bank is a buffer written identically on every rank: re-broadcasting it (DDP's default) would
