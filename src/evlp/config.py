@@ -117,7 +117,7 @@ class DataConfig:
     num_workers: int = 8
     shuffle_buffer: int = 2000
     # Shards each loader worker reads at once, their pairs interleaved at random (shared out among the sources):
-    # more shards feed each batch (docs/data.md "How batches are mixed"); each costs an open file and a 1 MB buffer.
+    # more shards feed each batch (docs/data.md "Several sources"); each costs an open file and a 1 MB buffer.
     open_shards: int = 32
     max_text_len: int = 64
     image_size: int = 224

@@ -20,13 +20,12 @@ QUICKSTART = "quickstart"
 
 @dataclass
 class RunData:
-    train_urls: list[str]
+    train_sources: list[list[str]]  # the shards of each data.train entry
     val_urls: list[str]
     tokenizer_source: str | None  # tokenizer name/folder implied by the data (the quickstart ships its own vocab)
     quickstart: bool = False
     num_train: int | None = None
     notes: list[str] = field(default_factory=list)
-    train_sources: list[list[str]] = field(default_factory=list)  # the shards of each data.train entry
     train_weights: list[float] | None = None  # data.train_weights, checked
 
 
@@ -54,15 +53,13 @@ def prepare_run_data(cfg: DictConfig) -> RunData:
         qs = prepare_quickstart(Path(q.root), q.num_train, q.num_val, q.image_size, q.shard_size, q.seed)
         tokenizer_source, is_quickstart, num_train = str(qs.vocab_dir), True, qs.num_train
     sources = [list(qs.train_urls) if entry == QUICKSTART else expand_source(entry) for entry in d.train]
-    train = [url for source in sources for url in source]
     for entry in d.val:
         val += qs.val_urls if entry == QUICKSTART else expand_source(entry)
-    if not train:
+    if not any(sources):
         raise EvlpError("data.train is empty; name at least one shard folder, brace pattern or `quickstart`")
     if d.train != [QUICKSTART]:
         num_train = None  # counted from the shards' stats
-    return RunData(train, val, tokenizer_source, is_quickstart, num_train, train_sources=sources,
-                   train_weights=weights)
+    return RunData(sources, val, tokenizer_source, is_quickstart, num_train, train_weights=weights)
 
 
 def build_tokenizer(cfg: DictConfig, run_data: RunData):
