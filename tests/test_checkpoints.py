@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import lightning as L
 
-from evlp.finetune.runner import BestCheckpoint
+from evlp.train.callbacks import BestCheckpoint
 from evlp.train.checkpoint import AtomicCheckpointIO, list_checkpoints, load_training_checkpoint
 from evlp.train.recipe import run_pretraining
 from tests.test_train import tiny_cfg
@@ -56,7 +56,9 @@ def test_the_trainer_writes_atomically_and_flushes_the_folder_after_the_rename(t
     (_, plugin), = [e for e in events if e[0] == "plugin"]
     assert isinstance(plugin, AtomicCheckpointIO)
     renames = [e for e in events if e[0] == "rename" and Path(e[2]).parent == folder]
-    assert [Path(dst).name.split("-")[1] for _, _, dst in renames] == ["2", "4", "6"]
+    # every 2 steps, and the best validation checkpoint (the first validation, after the epoch of 3 steps)
+    assert [Path(dst).name.split("-")[1] for _, _, dst in renames] == ["2", "3", "4", "6"]
+    assert [Path(dst).name.endswith("-val.ckpt") for _, _, dst in renames] == [False, True, False, False]
     for _, tmp, final in renames:
         assert Path(tmp).parent == folder and Path(tmp).name.startswith(f".{Path(final).name}.")
         i = events.index(("rename", tmp, final))
@@ -123,13 +125,13 @@ def test_a_process_killed_mid_save_keeps_the_last_good_checkpoint_and_the_next_s
         if child.poll() is None:
             child.kill()
         child.stderr.close()
-    assert marker.read_text() == "4"
+    assert marker.read_text() == "3"  # the second checkpoint: the best validation one, after the first epoch
 
     # The last good checkpoint is untouched and complete; the interrupted one exists only as its temporary file.
     assert [step for step, _ in list_checkpoints(folder)] == [2]
     assert sha256(good) == before and load_training_checkpoint(good)["global_step"] == 2
     leftovers = sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-    assert len(leftovers) == 1 and leftovers[0].startswith(".model-4-") and ".ckpt." in leftovers[0]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".model-3-") and "-val.ckpt." in leftovers[0]
 
     # The same run, started again, removes it and continues from step 2.
     results = run_pretraining(tiny_cfg(tmp_path, *RUN, "resume=latest"))

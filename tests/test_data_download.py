@@ -2,6 +2,7 @@
 response; the hub source with a fake ``snapshot_download``. Helpers here are shared by the other data tests."""
 
 import asyncio
+import dataclasses
 import errno
 import fnmatch
 import io
@@ -420,9 +421,10 @@ def test_missing_index_names_the_download_page(tmp_path):
         download_web("cc3m", tmp_path)
 
 
-def test_cc12m_fetches_its_index_and_reads_url_first_rows(server, tmp_path):
+def test_cc12m_fetches_its_index_and_reads_url_first_rows(server, tmp_path, monkeypatch):
     rows = [f"{server.url}/img/photo.jpg\tfirst <PERSON> caption", f"{server.url}/status/404\tgone",
-            f"{server.url}/img/pic.webp\tthird\tcaption with a tab"]
+            f"{server.url}/img/pic.webp\tthird\tcaption with a tab", f"{server.url}/img/photo.jpg\tfourth",
+            f"{server.url}/img/small.png\tfifth"]
     server.files["cc12m.tsv"] = "\n".join(rows).encode()
     options = dict(index_url=f"{server.url}/files/cc12m.tsv", shard_size=2, fetch_options=FAST, concurrency=4,
                    workers=1)
@@ -430,11 +432,17 @@ def test_cc12m_fetches_its_index_and_reads_url_first_rows(server, tmp_path):
     root = tmp_path / "conceptual_captions_12m"
     assert (root / "cc12m.tsv").read_bytes() == server.files["cc12m.tsv"]
     assert result.attempted == 2 and result.succeeded == 1 and result.failed == Counter(http_404=1)
-    result = download_web("cc12m", tmp_path, **options)  # no limit: continues with the rest
+    # By default only the first rows, as the thesis crawled the first 3,000,000 (here 3, i.e. two shards of 2).
+    assert web.DATASETS["cc12m"].default_max_rows == web.CC12M_THESIS_ROWS == 3_000_000
+    monkeypatch.setitem(web.DATASETS, "cc12m", dataclasses.replace(web.DATASETS["cc12m"], default_max_rows=3))
+    result = download_web("cc12m", tmp_path, **options)
+    assert result.attempted == 2 and result.succeeded == 2
+    result = download_web("cc12m", tmp_path, max_rows="all", **options)  # the rest of the index
     assert result.attempted == 1 and result.succeeded == 1
     pairs = read_pairs(str(root / "shards"), tmp_path)
     assert [(p["image_id"], p["caption"]) for p in pairs] == [(0, "first <PERSON> caption"),
-                                                              (2, "third\tcaption with a tab")]
+                                                              (2, "third\tcaption with a tab"), (3, "fourth"),
+                                                              (4, "fifth")]
 
 
 # -- units -------------------------------------------------------------------------------------------------------

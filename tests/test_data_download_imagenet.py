@@ -131,14 +131,18 @@ def test_download_targets_parse_their_options(tmp_path):
     assert (args.what, args.index, args.concurrency, args.shard_size, args.image_size, args.timeout, args.source) == \
         ("cc3m", "x.tsv", 32, 500, 0, 2.5, "web")
     args = p.parse_args(["download", "cc12m", "--data-path", "/d", "--source", "hub", "--repo", "me/cc12m"])
-    assert (args.source, args.repo, args.index_url) == ("hub", "me/cc12m", None)
+    assert (args.source, args.repo, args.index_url, args.max_rows) == ("hub", "me/cc12m", None, None)
+    assert p.parse_args(["download", "cc12m", "--data-path", "/d", "--max-rows", "all"]).max_rows == "all"
+    assert p.parse_args(["download", "cc12m", "--data-path", "/d", "--max-rows", "5000"]).max_rows == 5000
     args = p.parse_args(["download", "glue", "--data-path", "/d", "--task", "rte", "--task", "mrpc"])
     assert args.task == ["rte", "mrpc"]
     args = p.parse_args(["data", "convert", "pairs.csv", "--out", "/o", "--image-column", "file"])
     assert (args.input, args.out, args.image_column, args.caption_column) == ("pairs.csv", "/o", "file", None)
     for bad in (["download", "cc3m", "--data-path", "/d", "--concurrency", "0"],
                 ["download", "coco", "--data-path", "/d", "--image-size", "-1"],
-                ["download", "mnist", "--data-path", "/d"]):
+                ["download", "mnist", "--data-path", "/d"],
+                ["download", "cc12m", "--data-path", "/d", "--max-rows", "everything"],
+                ["download", "cc12m", "--data-path", "/d", "--max-rows", "0"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
 

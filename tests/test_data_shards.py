@@ -15,6 +15,7 @@ from PIL import Image
 
 from webdataset.tariterators import tarfile_samples
 
+import evlp.data.shards as shards
 from evlp.data.shards import ImageTextShards, count_samples, make_loader, tar_samples
 from evlp.data.synthetic import generate_sample, prepare_quickstart
 from evlp.data.tokenizer import TextTokenizer, load_tokenizer
@@ -313,11 +314,13 @@ def test_mixture_is_deterministic_and_epochs_differ(data, other, tokenizer):
     assert ids(first) != ids(other_epoch)
 
 
+@pytest.mark.parametrize("weights", [[1, 3], None])  # None: in proportion to the sizes, every pair once per pass
 @pytest.mark.parametrize("num_workers,world_size", [(0, 1), (2, 1), (2, 2)])
-def test_mixture_ranks_are_equal_slices_and_resume_exactly(data, other, tokenizer, num_workers, world_size):
+def test_mixture_ranks_are_equal_slices_and_resume_exactly(data, other, tokenizer, num_workers, world_size,
+                                                          weights):
     # 2 worker slots: each source (5 and 3 shards) is split by shard.
     transform = CountingTransform(train_transform(32, hflip=0.5))
-    ds = mixture(data, other, tokenizer, [1, 3], transform=transform)
+    ds = mixture(data, other, tokenizer, weights, transform=transform)
     per_rank = []
     for rank in range(world_size):
         full = epoch(ds, num_workers, epoch=3, rank=rank, world_size=world_size)
@@ -329,8 +332,91 @@ def test_mixture_ranks_are_equal_slices_and_resume_exactly(data, other, tokenize
             assert_same(resumed, full[s:])
             if num_workers == 0:
                 assert transform.calls == (len(full) - s) * B  # skipped batches are never decoded
-    whole = mixture(data, other, tokenizer, [1, 3], transform=transform, batch_size=B * world_size)
+    whole = mixture(data, other, tokenizer, weights, transform=transform, batch_size=B * world_size)
     assert_ranks_slice(per_rank, epoch(whole, num_workers, epoch=3))
+
+
+# -- how batches mix: sources pair by pair, several shards at once -----------------------------------------------
+
+MIX_SIZES = (150, 900, 3750)  # three sources of very different sizes, in shards of 50: 3, 18 and 75 shards
+MIX_SHARD = 50
+MB = 32  # 4800 pairs = 150 batches of 32
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory):
+    """Tiny PNGs in three folders with stats.json; image_id = 100000 * source + 1000 * shard + index."""
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), (90, 120, 30)).save(png, format="PNG")
+    folders = []
+    for k, size in enumerate(MIX_SIZES):
+        folder = tmp_path_factory.mktemp(f"source{k}")
+        counts = {}
+        for s in range(size // MIX_SHARD):
+            name = f"{s:06d}.tar"
+            with wds.TarWriter(str(folder / name), encoder=False) as sink:
+                for j in range(MIX_SHARD):
+                    i = 100000 * k + 1000 * s + j
+                    sink.write({"__key__": f"{i:09d}", "png": png.getvalue(), "txt": b"a caption",
+                                "json": json.dumps({"image_id": i}).encode()})
+            counts[name] = MIX_SHARD
+        (folder / "stats.json").write_text(json.dumps({"num_samples": size, "shards": counts}))
+        folders.append([str(folder)])
+    return folders  # a list of sources (each a list): mixed pair by pair in proportion to their sizes
+
+
+def composition(batches):
+    """Per batch: the share of each source, and the number of shards it came from."""
+    shares, shards = [], []
+    for b in batches:
+        batch_ids = b["image_id"].tolist()
+        shares.append([sum(i // 100000 == k for i in batch_ids) / len(batch_ids) for k in range(len(MIX_SIZES))])
+        shards.append(len({i // 1000 for i in batch_ids}))
+    return np.array(shares), np.array(shards)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_mix_sources_as_iid_sampling_would(three_sources, tokenizer, num_workers):
+    """Each batch's share of a source spreads as around its size share as i.i.d. draws would: the standard deviation
+    over batches within 1.5x of the binomial one, sqrt(p (1 - p) / B), for each of three sources of 3 %, 19 % and
+    78 % of the pairs (a source read shard after shard spreads many times more)."""
+    ds = ImageTextShards(three_sources, tokenizer, pixels, MB, train=True, shuffle_buffer=64)
+    assert ds.source_sizes == list(MIX_SIZES) and len(ds) == 150
+    batches = epoch(ds, num_workers, epoch=1)
+    shares, _ = composition(batches)
+    for k, size in enumerate(MIX_SIZES):
+        p = size / sum(MIX_SIZES)
+        binomial = (p * (1 - p) / MB) ** 0.5
+        assert abs(shares[:, k].mean() - p) < 0.01, k
+        assert binomial / 1.5 < shares[:, k].std() < 1.5 * binomial, (k, shares[:, k].std(), binomial)
+    if num_workers == 0:  # one slot, 150 x 32 = 4800: every pair exactly once in the epoch
+        assert sorted(ids(batches)) == sorted(100000 * k + 1000 * s + j for k, size in enumerate(MIX_SIZES)
+                                              for s in range(size // MIX_SHARD) for j in range(MIX_SHARD))
+
+
+def test_slots_share_out_the_samples_of_too_few_shards():
+    """With fewer shards than slots, slot s keeps sample j of the i-th shard when (i + j) % slots == s: every sample
+    goes to one slot, and the counts the mixture draws by are those samples."""
+    counts, num_slots = [5, 3, 7], 4
+    kept = {}
+    for slot in range(num_slots):
+        mine = [(i, j) for i, n in enumerate(counts) for j in range(n) if (i + j) % num_slots == slot]
+        assert shards._kept_count(counts, (slot, num_slots)) == len(mine)
+        for i, n in enumerate(counts):
+            first, step = shards._kept(i, (slot, num_slots))
+            assert [(i, j) for j in range(first, n, step)] == [x for x in mine if x[0] == i]
+        kept[slot] = set(mine)
+    assert sorted(x for slot in kept.values() for x in slot) == [(i, j) for i, n in enumerate(counts) for j in range(n)]
+
+
+def test_each_worker_reads_several_shards_at_once(three_sources, tokenizer):
+    """With open_shards shards read at once, a batch comes from many shards; one at a time, from a handful."""
+    spread = {}
+    for width in (1, 32):
+        ds = ImageTextShards(three_sources, tokenizer, pixels, MB, train=True, shuffle_buffer=64, open_shards=width)
+        _, per_batch = composition(epoch(ds, 0))
+        spread[width] = per_batch.mean()
+    assert spread[1] < 8 and spread[32] > 2 * spread[1], spread
 
 
 @pytest.mark.parametrize("weights,message", [

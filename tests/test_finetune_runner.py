@@ -10,8 +10,9 @@ import torch
 from evlp.config import load_config
 from evlp.errors import EvlpError
 from evlp.finetune import sweep as sweep_module
-from evlp.finetune.runner import LAST, BestCheckpoint, build_task
+from evlp.finetune.runner import LAST, build_task
 from evlp.finetune.source import load_pretrained
+from evlp.train.callbacks import BestCheckpoint
 from evlp.train.optim import warmup_linear
 from tests.api_support import toy_run  # noqa: F401
 from tests.test_finetune_vision import imagenet_dir, vision_cfg  # noqa: F401
@@ -29,6 +30,7 @@ class FakeTrainer:
     def __init__(self):
         self.callback_metrics, self.global_step = {}, 0
         self.is_global_zero, self.sanity_checking = True, False
+        self.strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)  # one process
 
     def save_checkpoint(self, path, weights_only=False):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ class FakeTrainer:
 @pytest.mark.parametrize("mode, values, best_step", [("max", [50.0, 70.0, 60.0, float("nan")], 2),
                                                      ("min", [0.9, 0.5, 0.7, float("nan")], 2)])
 def test_best_checkpoint_keeps_only_the_best_and_a_last_one(tmp_path, mode, values, best_step):
-    trainer, best = FakeTrainer(), BestCheckpoint(tmp_path, "val/score", mode)
+    trainer, best = FakeTrainer(), BestCheckpoint(tmp_path, "val/score", mode, last=LAST)
     for step, value in enumerate(values, start=1):
         trainer.global_step = step
         trainer.callback_metrics = {"val/score": torch.tensor(value), "val/loss": torch.tensor(1.0 / step)}

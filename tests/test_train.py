@@ -69,6 +69,18 @@ def test_quickstart_run_folder_and_results(tmp_path):
     ckpt = load_training_checkpoint(found[-1][1])
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert "kd_loss.memory_bank" in ckpt["state_dict"] and "student.shared.fc1.weight" in ckpt["state_dict"]
+    # and, beside them, the best validation checkpoint as the original kept it: the lowest val/loss so far
+    with (run_dir / "metrics.csv").open() as f:
+        val_losses = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/loss"]
+    assert len(val_losses) == 2  # once per epoch, after steps 3 and 6
+    lowest = min(val_losses)
+    best_step = 3 * (val_losses.index(lowest) + 1)
+    best = tmp_path / "models" / "quickstart" / f"model-{best_step}-{lowest:.4f}-val.ckpt"
+    assert list_checkpoints(best.parent, kind="val") == [(best_step, best)]
+    assert saved["best_checkpoint"] == {"monitor": "val/loss", "value": pytest.approx(lowest),
+                                        "step": best_step, "checkpoint": str(best)}
+    assert f"`{best}`" in (run_dir / "report.md").read_text()
+    assert load_training_checkpoint(best)["global_step"] == best_step
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -76,13 +88,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, workers):
     check_resume(tmp_path, f"data.num_workers={workers}")
 
 
-def test_resume_equals_an_uninterrupted_run_with_a_weighted_mixture(tmp_path):
-    """Two sources drawn 1:3 (24 + 16 pairs: 5 batches per epoch), read by a loader worker process."""
+@pytest.mark.parametrize("weights", ["[1,3]", "null"])  # null: mixed in proportion to the sources' sizes
+def test_resume_equals_an_uninterrupted_run_with_two_sources(tmp_path, weights):
+    """Two sources (24 + 16 pairs: 5 batches per epoch) mixed pair by pair, read by a loader worker process."""
     second = prepare_quickstart(tmp_path / "second", num_train=16, num_val=8, image_size=32, shard_size=8, seed=1)
     sources = f"data.train=[quickstart,{second.root / 'train'}]"
-    run_data = prepare_run_data(tiny_cfg(tmp_path / "plan", sources, "data.train_weights=[1,3]"))
-    assert run_data.train_weights == [1.0, 3.0] and [len(s) for s in run_data.train_sources] == [1, 2]
-    check_resume(tmp_path, sources, "data.train_weights=[1,3]", "data.num_workers=1", batches_per_epoch=5)
+    run_data = prepare_run_data(tiny_cfg(tmp_path / "plan", sources, f"data.train_weights={weights}"))
+    assert run_data.train_weights == ([1.0, 3.0] if weights != "null" else None)
+    assert [len(s) for s in run_data.train_sources] == [1, 2]
+    check_resume(tmp_path, sources, f"data.train_weights={weights}", "data.num_workers=1", batches_per_epoch=5)
 
 
 def test_bad_mixture_weights_stop_before_any_work(tmp_path, capsys):

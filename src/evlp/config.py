@@ -107,7 +107,8 @@ class DataConfig:
     # Each entry: a folder of .tar shards, a brace pattern (`/data/cc3m/{00000..00331}.tar`), or `quickstart`.
     train: List[str] = field(default_factory=list)
     # One weight per `train` entry: each pair is drawn from source i with probability w_i / sum(w), epochs keep the
-    # total size of the sources (docs/data.md "Mixing sources"). None = concatenate (in proportion to their sizes).
+    # total size of the sources (docs/data.md "Several sources"). None = pair by pair in proportion to their sizes,
+    # every pair once per epoch.
     train_weights: Optional[List[float]] = None
     val: List[str] = field(default_factory=list)
     quickstart: QuickstartDataConfig = field(default_factory=QuickstartDataConfig)
@@ -115,6 +116,9 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 8
     shuffle_buffer: int = 2000
+    # Shards each loader worker reads at once, their pairs interleaved at random (shared out among the sources):
+    # more shards feed each batch (docs/data.md "Several sources"); each costs an open file and a 1 MB buffer.
+    open_shards: int = 32
     max_text_len: int = 64
     image_size: int = 224
     crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])

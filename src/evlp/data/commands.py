@@ -26,6 +26,17 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _rows(text: str) -> int | str:
+    from evlp.data.web import ALL_ROWS
+
+    if text == ALL_ROWS:
+        return ALL_ROWS
+    try:
+        return _positive(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or '{ALL_ROWS}', got {text!r}") from None
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -163,9 +174,10 @@ def _add_download(sub) -> None:
         if name == "cc12m":
             p.add_argument("--index-url", default=None, help="where to fetch the index from (default: "
                                                              "https://storage.googleapis.com/conceptual_12m/cc12m.tsv)")
-        p.add_argument("--max-rows", type=_positive, default=None,
-                       help="crawl only the first rows of the index, rounded up to whole shards (the original used "
-                            "the first 3,000,000 of CC12M); rerun with a larger value or none to continue")
+        default_rows = "the first 3,000,000 rows, what the thesis crawled" if name == "cc12m" else "all"
+        p.add_argument("--max-rows", type=_rows, default=None, metavar="N|all",
+                       help=f"crawl only the first N rows of the index, rounded up to whole shards, or all of them "
+                            f"(default: {default_rows}); rerun with a larger value to continue")
         p.add_argument("--source", choices=["web", "hub"], default="web",
                        help="web: crawl the URLs (default); hub: download pre-crawled shards from Hugging Face")
         p.add_argument("--repo", default=None, help=f"hub dataset for --source hub (default pixparse/{name}-wds)")

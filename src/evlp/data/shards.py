@@ -14,9 +14,10 @@ metadata). ``ImageTextShards`` yields batches (build the DataLoader with ``batch
 Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size)`` before each epoch's iter():
 
 * The epoch's shard order comes from ``(seed, epoch)``. Each loader worker slot reads its own part of the data:
-  whole shards when there are at least as many shards as workers, otherwise every n-th sample of every shard. Its
-  samples pass through a shuffle buffer seeded by ``(seed, epoch, slot)``; a slot that runs out before its quota
-  reads its data again.
+  whole shards when there are at least as many shards as workers, otherwise every n-th sample of every shard. It
+  reads ``open_shards`` of its shards at once, taking each next sample from one of them at random (a finished
+  shard is replaced by the next), and its samples pass through a shuffle buffer seeded by ``(seed, epoch, slot)``;
+  a slot that runs out before its quota reads its data again.
 * The world size does not change the data: every rank reads the same stream of *global* batches of
   ``batch_size * world_size`` pairs and decodes only its own slice of each (``rank_slice``), so W processes with
   batch B train on exactly the batches one process with batch B*W would (same in-batch negatives, same order of the
@@ -30,18 +31,22 @@ Training (``train=True``), call ``configure(epoch, start_batch, rank, world_size
   ``s, s+1, ...`` of the uninterrupted epoch bit for bit: each worker skips the raw bytes of the batches already
   done (nothing is decoded) and takes over the role of the worker that produced batch ``s + worker_id``.
 
-Several sources (``data.train`` in a config) are by default simply concatenated: their shards are shuffled together,
-so each source contributes in proportion to its size. ``weights=[w_1, ..., w_n]`` (``urls`` then being one entry
-per source: a folder, brace pattern or list of shards) makes it a weighted mixture instead:
+Several sources (``data.train`` in a config) are mixed pair by pair. ``urls`` is one source (a folder, a brace
+pattern, or a list of them or of shards) or a list of sources, each itself a list (with ``weights``, every entry is
+a source). Each slot reads each source through its own part of that source's shards (split over loader workers as
+above, the shard order reshuffled per epoch and source), with its share of ``open_shards`` and of ``shuffle_buffer``
+(in proportion to the source's size or weight, so memory stays the same), and draws the source of each next sample
+with a generator seeded by ``(seed, epoch, slot)``:
 
-* each slot reads each source through its own part of that source's shards (split over loader workers as above,
-  the shard order reshuffled per epoch and source) and its own shuffle buffer (``shuffle_buffer`` shared out in
-  proportion to the weights, so the memory it takes stays the same), and draws every sample from source ``k`` with
-  probability ``w_k / sum(w)``, with a generator seeded by ``(seed, epoch, slot)``: batches mix the sources;
-* the epoch keeps its length: ``num_samples`` is the total of the sources with a positive weight, so an epoch
-  draws as many pairs as there are. A source drawn more often than its size share is read again (a new ``pass``,
-  with new augmentations), one drawn less often is only partly read in an epoch (other shards first in the next:
-  the shard order changes per epoch);
+* by default in proportion to the sizes, without replacement: source ``k`` with probability (what is left of the
+  slot's part of ``k``) / (what is left of all its parts), i.e. a uniformly random interleave of the sources, as a
+  global shuffle of their union would give. Every pair is read once per pass, and a batch's share of a source
+  spreads around the source's size share as i.i.d. sampling's does (binomially);
+* with ``weights=[w_1, ..., w_n]``, with replacement: source ``k`` with probability ``w_k / sum(w)``. The epoch keeps
+  its length: ``num_samples`` is the total of the sources with a positive weight, so an epoch draws as many pairs
+  as there are. A source drawn more often than its size share is read again (a new ``pass``, with new
+  augmentations), one drawn less often is only partly read in an epoch (other shards first in the next: the shard
+  order changes per epoch);
 * everything above still holds: equal epochs per rank, the ranks' slices of one global batch, and exact resume,
   since the draws are a function of the position in the slot's stream.
 
@@ -120,20 +125,40 @@ def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[s
 
 
 def count_samples(urls: str | Iterable[str]) -> int:
-    """Number of samples in the shards: from ``stats.json`` next to them when it lists them, else by reading tars.
+    """Number of samples in the shards: from ``stats.json`` next to them when it lists them, else from img2dataset's
+    ``<shard>_stats.json``, else by reading tars.
 
     ``stats.json`` (written by ``prepare_quickstart`` and the downloaders) holds ``{"shards": {"000000.tar": n, ...}}``.
-    Counting a tar reads its headers only.
+    img2dataset writes ``00000_stats.json`` beside each ``00000.tar`` once the tar is closed, whose ``successes`` are
+    the samples in the tar. Counting a tar reads its headers only.
     """
-    total = 0
+    return sum(shard_counts(expand_urls(urls)))
+
+
+def shard_counts(urls: list[str]) -> list[int]:
+    """The number of samples of each shard of ``urls`` (shard paths), found as ``count_samples`` finds them."""
+    counts = []
     listed: dict[str, dict] = {}
-    for url in expand_urls(urls):
+    for url in urls:
         directory, name = os.path.split(url)
         if directory not in listed:
             listed[directory] = _listed_counts(Path(directory) / "stats.json")
         n = listed[directory].get(name)
-        total += n if isinstance(n, int) else _count_tar(url)
-    return total
+        if not isinstance(n, int):
+            n = _img2dataset_count(url)
+        counts.append(n if isinstance(n, int) else _count_tar(url))
+    return counts
+
+
+def _img2dataset_count(url: str) -> int | None:
+    """``successes`` of img2dataset's stats file for the shard ``url`` (None when there is none)."""
+    if not url.endswith(".tar"):
+        return None
+    try:
+        n = json.loads(Path(url[: -len(".tar")] + "_stats.json").read_text()).get("successes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _listed_counts(stats_path: Path) -> dict:
@@ -203,12 +228,30 @@ def _folder_of(urls: list[str]) -> str:
 
 def _slot_part(urls: list[str], order: random.Random, slot: int, num_slots: int):
     """``(shards, select)`` of one loader worker slot: after shuffling the shard order with ``order``, every
-    ``num_slots``-th shard when there are enough, else all shards and every ``num_slots``-th sample."""
+    ``num_slots``-th shard when there are enough, else all shards and ``select = (slot, num_slots)``: of the ``i``-th
+    shard, the samples ``j`` with ``(i + j) % num_slots == slot`` (``_kept``), so the slots share out every shard."""
     shards = list(urls)
     order.shuffle(shards)
     if len(shards) >= num_slots:
         return shards[slot::num_slots], None
     return shards, (slot, num_slots)
+
+
+def _kept(i: int, select: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``(first, step)``: the samples ``first, first + step, ...`` that a slot keeps of the ``i``-th shard of its
+    part (None: all of them)."""
+    if select is None:
+        return None
+    slot, num_slots = select
+    return (slot - i) % num_slots, num_slots
+
+
+def _kept_count(counts: list[int], select: tuple[int, int] | None) -> int:
+    """How many samples a slot keeps of its part, from the sample counts of its shards (in the part's order)."""
+    if select is None:
+        return sum(counts)
+    return sum(max(0, (n - first + step - 1) // step) for i, n in enumerate(counts)
+               for first, step in [_kept(i, select)])
 
 
 def rank_slice(global_batch: list, rank: int, batch_size: int) -> list:
@@ -238,43 +281,39 @@ class ImageTextShards(IterableDataset):
         num_samples: int | None = None,
         max_bad_fraction: float = 0.1,
         weights: Sequence[float] | None = None,
+        open_shards: int = 32,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if weights is None:
-            self.sources, self.weights, self.source_sizes = None, None, None
-            self.urls = expand_urls(urls)
-        else:
-            entries = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
-            self.weights = check_weights(weights, len(entries))
-            self.sources = [expand_urls(entry) for entry in entries]
-            self.source_names = [str(entry) if isinstance(entry, (str, os.PathLike)) else _folder_of(source)
-                                 for entry, source in zip(entries, self.sources)]
-            self.urls = [url for source in self.sources for url in source]
-            self.source_sizes = None
-            if num_samples is None:
-                try:
-                    self.source_sizes = [count_samples(source) for source in self.sources]
-                except EvlpError:
-                    if train:
-                        raise
-                else:  # a source that is never drawn does not lengthen the epoch
-                    num_samples = sum(n for n, w in zip(self.source_sizes, self.weights) if w > 0)
+        if open_shards < 1:
+            raise ValueError(f"open_shards must be >= 1, got {open_shards}")
+        entries = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+        if weights is None and all(isinstance(entry, (str, os.PathLike)) for entry in entries):
+            entries = [entries]  # shards, folders or patterns: one source
+        self.weights = check_weights(weights, len(entries)) if weights is not None else None
+        self.sources = [expand_urls(entry) for entry in entries]
+        self.source_names = [str(entry) if isinstance(entry, (str, os.PathLike)) else _folder_of(source)
+                             for entry, source in zip(entries, self.sources)]
+        self.urls = [url for source in self.sources for url in source]
+        try:
+            self.shard_sizes: list[list[int]] | None = [shard_counts(source) for source in self.sources]
+        except EvlpError:  # shards that cannot be counted (URLs): fine for evaluation, or with num_samples given
+            if train and num_samples is None:
+                raise
+            self.shard_sizes = None
+        self.source_sizes = [sum(counts) for counts in self.shard_sizes] if self.shard_sizes is not None else None
+        if num_samples is None and self.source_sizes is not None:  # a source never drawn does not lengthen epochs
+            num_samples = sum(n for k, n in enumerate(self.source_sizes) if self._drawn(k))
+        self.num_samples = num_samples  # None only for evaluation over shards that cannot be counted
         self.tokenizer = tokenizer
         self.transform = transform
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.open_shards = open_shards
         self.max_bad_fraction = max_bad_fraction
-        if num_samples is None:
-            try:
-                num_samples = count_samples(self.urls)
-            except EvlpError:
-                if train:
-                    raise
-        self.num_samples = num_samples  # None only for evaluation over shards that cannot be counted
         self.epoch, self.start_batch, self.rank, self.world_size = 0, 0, 0, 1
         # Skipped samples by reason: one row per DataLoader worker (make_loader shares the table with them).
         self._skips = torch.zeros((1, len(SKIP_REASONS)), dtype=torch.long)
@@ -365,7 +404,7 @@ class ImageTextShards(IterableDataset):
             yield batch
 
     def _eval_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
-        records = self._records(self.urls, select=None, pass_=0)
+        records = self._records(self.urls, pass_=0)
         for b in itertools.count():
             chunk = list(itertools.islice(records, self.batch_size))
             if not chunk:
@@ -376,85 +415,132 @@ class ImageTextShards(IterableDataset):
                     yield batch
 
     def _slot_records(self, slot: int, num_slots: int) -> Iterator[dict]:
-        """The endless shuffled record stream of one loader worker slot for the configured epoch."""
-        if self.sources is not None:
-            yield from self._mixture(slot, num_slots)
+        """The endless record stream of one loader worker slot for the configured epoch: its part of every source,
+        interleaved pair by pair.
+
+        Without weights the sources are drawn without replacement in proportion to what is left of the slot's part
+        of each (sequential sampling of a random interleave): every pair once per pass, and the source of each pair
+        as in a global shuffle of the union. With weights, source ``k`` is drawn with probability
+        ``weights[k] / sum(weights)``, its stream read again (next ``pass``) as often as needed."""
+        drawn = [k for k in range(len(self.sources)) if self._drawn(k)]
+        streams = {k: self._source_stream(k, slot, num_slots, self._share(k, self.shuffle_buffer),
+                                          self._share(k, self.open_shards)) for k in drawn}
+        if len(drawn) == 1:
+            yield from streams[drawn[0]]
             return
-        shards, select = _slot_part(self.urls, random.Random(f"{self.seed}/{self.epoch}"), slot, num_slots)
-        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}")
-        for pass_ in itertools.count():
-            # Drained at the end of each pass, so the first pass yields each of the slot's samples exactly once.
-            shuffle = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
-            shuffled = shuffle(self._records(shards, select, pass_))
-            n = 0
-            for record in shuffled:
-                n += 1
-                yield record
-            if n == 0:
-                raise EvlpError(f"no valid sample in the {len(shards)} shards of data slot {slot} ({shards[0]}, ...)")
-
-    def _mixture(self, slot: int, num_slots: int) -> Iterator[dict]:
-        """The slot's records drawn from the sources at random: source k with probability weights[k] / sum(weights),
-        from its own shuffled stream, read again (next ``pass``) as often as needed."""
-        total = sum(self.weights)
-        streams = [
-            self._source_passes(k, slot, num_slots, max(1, round(self.shuffle_buffer * w / total)))
-            for k, w in enumerate(self.weights)
-        ]
         choose = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}/mixture")
-        sources, cumulative = range(len(streams)), list(itertools.accumulate(self.weights))
-        while True:
-            yield next(streams[choose.choices(sources, cum_weights=cumulative)[0]])
+        if self.weights is not None:
+            cumulative = list(itertools.accumulate(self.weights[k] for k in drawn))
+            while True:
+                yield next(streams[choose.choices(drawn, cum_weights=cumulative)[0]])
+        parts = [self._part_size(k, slot, num_slots) for k in drawn]
+        if not any(parts):
+            raise EvlpError(f"data slot {slot} of {num_slots} holds no pair of any source: add data or use fewer "
+                            f"loader workers")
+        while True:  # one round per pass over the slot's parts
+            left = list(parts)
+            for _ in range(sum(parts)):
+                i = choose.choices(range(len(drawn)), weights=left)[0]
+                left[i] -= 1
+                yield next(streams[drawn[i]])
 
-    def _source_passes(self, k: int, slot: int, num_slots: int, buffer: int) -> Iterator[dict]:
-        shards, select = _slot_part(self.sources[k], random.Random(f"{self.seed}/{self.epoch}/source{k}"), slot,
-                                    num_slots)
+    def _drawn(self, k: int) -> bool:
+        return self.weights is None or self.weights[k] > 0
+
+    def _share(self, k: int, total: int) -> int:
+        """Source ``k``'s share of ``total`` (shuffle buffer, open shards), in proportion to its weight (or size)."""
+        weights = self.weights or self.source_sizes or [len(source) for source in self.sources]
+        return max(1, round(total * weights[k] / max(sum(weights), 1e-12)))
+
+    def _part_size(self, k: int, slot: int, num_slots: int) -> int:
+        """How many pairs the slot's part of source ``k`` holds (estimated per shard if they cannot be counted)."""
+        shards, select = _slot_part(self.sources[k], self._shard_order(k), slot, num_slots)
+        if self.shard_sizes is not None:
+            sizes = dict(zip(self.sources[k], self.shard_sizes[k]))
+            counts = [sizes[url] for url in shards]
+        else:  # num_samples given for shards that cannot be counted
+            counts = [max(1, round(self.num_samples / len(self.urls)))] * len(shards)
+        return _kept_count(counts, select)
+
+    def _shard_order(self, k: int) -> random.Random:
+        """The generator that shuffles source ``k``'s shards for the epoch: the same on every rank and worker."""
+        return random.Random(f"{self.seed}/{self.epoch}/source{k}")
+
+    def _source_stream(self, k: int, slot: int, num_slots: int, buffer: int, width: int) -> Iterator[dict]:
+        """The slot's endless shuffled stream of source ``k``: ``width`` of its shards open at once, their samples
+        interleaved at random, through a shuffle buffer of ``buffer`` samples; then the next pass."""
+        shards, select = _slot_part(self.sources[k], self._shard_order(k), slot, num_slots)
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{num_slots}/source{k}")
         for pass_ in itertools.count():
-            shuffle = wds.filters.shuffle(buffer, buffer, rng=rng)  # drained per pass, as above
+            # Drained at the end of each pass, so the first pass yields each of the slot's samples exactly once.
+            shuffle = wds.filters.shuffle(buffer, buffer, rng=rng)
             n = 0
-            for record in shuffle(self._records(shards, select, pass_)):
+            for record in shuffle(self._interleaved(shards, select, pass_, rng, width)):
                 n += 1
                 yield record
             if n == 0:
                 raise EvlpError(f"no valid sample in the {len(shards)} shards of data slot {slot} of source "
                                 f"{self.source_names[k]} ({shards[0]}, ...)")
 
+    def _interleaved(self, shards: list[str], select, pass_: int, rng: random.Random, width: int) -> Iterator[dict]:
+        """The records of ``shards``, ``width`` shards open at a time, each next record from one of them chosen at
+        random; a shard that ends is replaced by the next one."""
+        upcoming = iter(enumerate(shards))
+        readers = [self._shard_records(url, _kept(i, select), pass_) for i, url in itertools.islice(upcoming, width)]
+        while readers:
+            j = rng.randrange(len(readers))
+            record = next(readers[j], None)
+            if record is not None:
+                yield record
+                continue
+            following = next(upcoming, None)
+            if following is not None:
+                readers[j] = self._shard_records(following[1], _kept(following[0], select), pass_)
+            else:
+                readers[j] = readers[-1]
+                readers.pop()
+
     def mixture_summary(self) -> list[str]:
-        """One line per source of a weighted mixture: its pairs, share of the draws and passes per epoch."""
-        if self.sources is None:
+        """One line per source of several: its pairs, share of the draws and, with weights, passes per epoch."""
+        if len(self.sources) < 2:
             return []
-        total, lines = sum(self.weights), []
+        weights = self.weights or self.source_sizes
+        if weights is None:
+            return []
+        total, lines = sum(weights), []
         draws = len(self) * self.batch_size * self.world_size if self.train and self.num_samples else None
-        for k, (name, weight) in enumerate(zip(self.source_names, self.weights)):
-            line = f"{name}: weight {weight:g} ({100 * weight / total:.1f}% of the draws)"
+        for k, (name, weight) in enumerate(zip(self.source_names, weights)):
+            line = (f"{name}: weight {weight:g} ({100 * weight / total:.1f}% of the draws)" if self.weights else
+                    f"{name}: {100 * weight / total:.1f}% of the draws")
             if self.source_sizes is not None:
                 line += f", {self.source_sizes[k]:,} pairs"
-                if draws and self.source_sizes[k]:
+                if self.weights and draws and self.source_sizes[k]:
                     line += f", ~{weight / total * draws / self.source_sizes[k]:.2f} passes per epoch"
             lines.append(line)
         return lines
 
     # -- reading and decoding -------------------------------------------------------------------------------------
 
-    def _records(self, shards: list[str], select: tuple[int, int] | None, pass_: int) -> Iterator[dict]:
-        """Valid raw samples of ``shards`` in order. ``select=(k, n)`` keeps samples k, k+n, k+2n, ... (counted over
-        all samples of all shards). Checks only what is cheap: an image whose header parses and a caption."""
-        position = -1
+    def _records(self, shards: list[str], pass_: int) -> Iterator[dict]:
+        """Valid raw samples of ``shards``, in order."""
         for url in shards:
-            for sample in tar_samples(url, on_error=self._unreadable):
-                position += 1
-                if select is not None and position % select[1] != select[0]:
-                    continue
-                self._seen[url] += 1
-                record = _to_record(sample, url, pass_)
-                if isinstance(record, str):
-                    if self._reports_reading:
-                        self._count_bad(url, record, f"sample {sample.get('__key__')}")
-                    continue
-                yield record
-            self._read.add(url)
-            self._check_shard(url)
+            yield from self._shard_records(url, None, pass_)
+
+    def _shard_records(self, url: str, kept: tuple[int, int] | None, pass_: int) -> Iterator[dict]:
+        """Valid raw samples of one shard, in order; ``kept=(first, step)`` keeps samples first, first + step, ...
+        Checks only what is cheap: an image whose header parses and a caption."""
+        for position, sample in enumerate(tar_samples(url, on_error=self._unreadable)):
+            if kept is not None and (position < kept[0] or (position - kept[0]) % kept[1]):
+                continue
+            self._seen[url] += 1
+            record = _to_record(sample, url, pass_)
+            if isinstance(record, str):
+                if self._reports_reading:
+                    self._count_bad(url, record, f"sample {sample.get('__key__')}")
+                continue
+            yield record
+        self._read.add(url)
+        self._check_shard(url)
 
     def _make_batch(self, records: list[dict]) -> dict | None:
         # A transform with ``into`` (TrainTransform) takes the encoded bytes and writes into a row of the batch;

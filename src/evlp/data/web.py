@@ -41,12 +41,20 @@ class WebDataset:
     index_name: str
     url_first: bool  # column order of the TSV
     hub_repo: str
+    default_max_rows: int | None = None  # rows crawled unless told otherwise (None: all)
 
+
+# The thesis' CC12M subset is what the original crawler got from the first 3,000,000 rows of the index (1,181,988
+# pairs); CC3M was crawled whole.
+CC12M_THESIS_ROWS = 3_000_000
 
 DATASETS = {
     "cc3m": WebDataset("cc3m", "conceptual_captions_3m", "Train-GCC-training.tsv", False, "pixparse/cc3m-wds"),
-    "cc12m": WebDataset("cc12m", "conceptual_captions_12m", "cc12m.tsv", True, "pixparse/cc12m-wds"),
+    "cc12m": WebDataset("cc12m", "conceptual_captions_12m", "cc12m.tsv", True, "pixparse/cc12m-wds",
+                        default_max_rows=CC12M_THESIS_ROWS),
 }
+
+ALL_ROWS = "all"  # max_rows meaning the whole index
 
 
 def shards_dir(data_path: str | os.PathLike, name: str) -> Path:
@@ -64,14 +72,19 @@ def download_web(
     fetch_options: FetchOptions = FetchOptions(),
     concurrency: int = 128,
     workers: int | None = None,
-    max_rows: int | None = None,
+    max_rows: int | str | None = None,
 ) -> RunResult:
     """Crawl the images of CC3M or CC12M into ``data_path/<folder>/shards``; resumes a previous run.
 
-    ``max_rows`` limits the crawl to the first rows of the index, rounded up to whole shards (the original crawled
-    only the first 3,000,000 rows of CC12M); a later run with a larger limit or none continues from there.
+    ``max_rows`` limits the crawl to the first rows of the index, rounded up to whole shards; ``None`` takes the
+    dataset's default (CC12M: the first 3,000,000 rows, what the thesis crawled; CC3M: all), ``"all"`` the whole
+    index. A later run with a larger limit continues from there.
     """
     dataset = DATASETS[name]
+    if max_rows is None:
+        max_rows = dataset.default_max_rows
+    elif max_rows == ALL_ROWS:
+        max_rows = None
     root = Path(data_path) / dataset.folder
     index_path = _index(dataset, root, Path(data_path), index, index_url)
     num_rows = count_rows(index_path)

@@ -37,9 +37,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from evlp.config import save_config
 from evlp.errors import EvlpError
 from evlp.finetune.config import TASKS, task_family
-from evlp.train.callbacks import CSVLogger
-from evlp.train.checkpoint import (AtomicCheckpointIO, checkpoint_name, load_training_checkpoint,
-                                   remove_stale_temporaries)
+from evlp.train.callbacks import BestCheckpoint, CSVLogger
+from evlp.train.checkpoint import AtomicCheckpointIO, load_training_checkpoint
 from evlp.train.recipe import resolve_precision
 from evlp.train.report import plot_curves
 from evlp.train.runs import claim_run_folders
@@ -63,50 +62,6 @@ class FinetuneTask:
     mode: str = "max"
     # Extra evaluation of the best weights after training (retrieval: the Karpathy test split), returning metrics.
     final_eval: Callable[[L.LightningModule], dict] | None = None
-
-
-class BestCheckpoint(L.Callback):
-    """After each validation: ``last.ckpt`` (for resume) and, when ``monitor`` improved, the new best
-    ``model-{step}-{val_loss}-val.ckpt`` in place of the previous best. Both are written atomically."""
-
-    def __init__(self, folder: Path, monitor: str, mode: str):
-        self.folder = Path(folder)
-        self.monitor, self.mode = monitor, mode
-        self.best_value: float | None = None
-        self.best_path: Path | None = None
-        self.best_step: int | None = None
-        self.validated_step: int | None = None  # the step of the latest validation
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero:  # the only process that writes checkpoints
-            remove_stale_temporaries(self.folder)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = trainer.callback_metrics
-        if self.monitor not in metrics:
-            raise EvlpError(f"the task never logged its monitor metric {self.monitor} (logged: "
-                            f"{', '.join(sorted(metrics))})")
-        self.validated_step = trainer.global_step
-        value = float(metrics[self.monitor])
-        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
-        if better and value == value:  # NaN never becomes the best
-            loss = float(metrics.get("val/loss", float("nan")))
-            path = self.folder / checkpoint_name(trainer.global_step, loss, "val")
-            trainer.save_checkpoint(path, weights_only=False)
-            if trainer.is_global_zero and self.best_path is not None and self.best_path != path:
-                self.best_path.unlink(missing_ok=True)
-            self.best_value, self.best_path, self.best_step = value, path, trainer.global_step
-        trainer.save_checkpoint(self.folder / LAST, weights_only=False)
-
-    def state_dict(self) -> dict:
-        return {"best_value": self.best_value, "best_path": str(self.best_path) if self.best_path else None,
-                "best_step": self.best_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best_value, self.best_step = state["best_value"], state["best_step"]
-        self.best_path = Path(state["best_path"]) if state["best_path"] else None
 
 
 class RandomState(L.Callback):
@@ -191,7 +146,7 @@ def run_finetune(cfg: DictConfig) -> dict:
     csv_logger = CSVLogger(run_dir / "metrics.csv")
     if cfg.resume is not None:  # this run's own log: drop what was logged after the checkpoint (all, if none)
         csv_logger.truncate_after(load_training_checkpoint(resume_from)["global_step"] if resume_from else 0)
-    best = BestCheckpoint(checkpoint_dir, task.monitor, task.mode)
+    best = BestCheckpoint(checkpoint_dir, task.monitor, task.mode, last=LAST)
     callbacks = [best, RandomState(), LearningRateMonitor(logging_interval="step")]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every_n_steps, 10))))
@@ -241,8 +196,7 @@ def run_finetune(cfg: DictConfig) -> dict:
             "task": cfg.task, "family": task_family(cfg.task), "run_name": cfg.run_name,
             "headline": {name: metrics.get(key) for name, key in task.headline.items()},
             "metrics": metrics,
-            "best": {"monitor": task.monitor, "value": best.best_value, "step": best.best_step,
-                     "checkpoint": str(best.best_path)},
+            "best": best.summary(),
             "parameters": sum(p.numel() for p in task.module.parameters()),
             "protocol": task.protocol, "source": task.summary, "steps": trainer.global_step,
         }

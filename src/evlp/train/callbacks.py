@@ -1,5 +1,5 @@
-"""Training callbacks: data position (exact resume), step checkpoints, throughput, skipped samples, and a resume-safe
-CSV log."""
+"""Training callbacks: data position (exact resume), step checkpoints, the best validation checkpoint, throughput,
+skipped samples, and a resume-safe CSV log."""
 
 from __future__ import annotations
 
@@ -179,6 +179,61 @@ class StepCheckpoint(L.Callback):
             past = [p for s, p in list_checkpoints(self.folder) if s <= self.start_step and p not in self.written]
             for old in (past + self.written)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+
+
+class BestCheckpoint(L.Callback):
+    """After each validation, when ``monitor`` improved: the new best ``model-{step}-{val_loss:.4f}-val.ckpt`` in
+    place of the previous best (pretraining: ``val/loss``, minimised, as the original's second ModelCheckpoint;
+    fine-tuning: the task's metric). With ``last``, that file (e.g. ``last.ckpt``) is also rewritten after every
+    validation, for resume. Written atomically; the best so far travels in checkpoints, so a resumed run keeps it."""
+
+    def __init__(self, folder: Path, monitor: str, mode: str, last: str | None = None):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.folder = Path(folder)
+        self.monitor, self.mode, self.last = monitor, mode, last
+        self.best_value: float | None = None
+        self.best_path: Path | None = None
+        self.best_step: int | None = None
+        self.validated_step: int | None = None  # the step of the latest validation
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # the only process that writes checkpoints
+            remove_stale_temporaries(self.folder)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            raise EvlpError(f"the run never logged its monitor metric {self.monitor} (logged: "
+                            f"{', '.join(sorted(metrics))})")
+        self.validated_step = trainer.global_step
+        value = float(metrics[self.monitor])
+        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
+        # Saving is collective: every process must take the same decision, rank 0's.
+        if trainer.strategy.broadcast(better and value == value, src=0):  # NaN never becomes the best
+            loss = float(metrics.get("val/loss", float("nan")))
+            path = self.folder / checkpoint_name(trainer.global_step, loss, "val")
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero and self.best_path is not None and self.best_path != path:
+                self.best_path.unlink(missing_ok=True)
+            self.best_value, self.best_path, self.best_step = value, path, trainer.global_step
+        if self.last is not None:
+            trainer.save_checkpoint(self.folder / self.last, weights_only=False)
+
+    def summary(self) -> dict:
+        """What results.json records: the monitor, its best value, that checkpoint's step and path."""
+        return {"monitor": self.monitor, "value": self.best_value, "step": self.best_step,
+                "checkpoint": str(self.best_path) if self.best_path else None}
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_path": str(self.best_path) if self.best_path else None,
+                "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.best_path = Path(state["best_path"]) if state["best_path"] else None
 
 
 class Throughput(L.Callback):

@@ -20,13 +20,12 @@ QUICKSTART = "quickstart"
 
 @dataclass
 class RunData:
-    train_urls: list[str]
+    train_sources: list[list[str]]  # the shards of each data.train entry
     val_urls: list[str]
     tokenizer_source: str | None  # tokenizer name/folder implied by the data (the quickstart ships its own vocab)
     quickstart: bool = False
     num_train: int | None = None
     notes: list[str] = field(default_factory=list)
-    train_sources: list[list[str]] = field(default_factory=list)  # the shards of each data.train entry
     train_weights: list[float] | None = None  # data.train_weights, checked
 
 
@@ -44,6 +43,8 @@ def prepare_run_data(cfg: DictConfig) -> RunData:
     """Resolve every train/val source; generate the quickstart shards on first use."""
     d = cfg.data
     val, tokenizer_source, is_quickstart, num_train = [], None, False, None
+    if d.open_shards < 1:
+        raise EvlpError(f"data.open_shards must be at least 1, got {d.open_shards}")
     weights = d.get("train_weights")
     if weights is not None:  # before any work: one clear line
         weights = check_weights(weights, len(d.train), name="data.train_weights")
@@ -52,15 +53,13 @@ def prepare_run_data(cfg: DictConfig) -> RunData:
         qs = prepare_quickstart(Path(q.root), q.num_train, q.num_val, q.image_size, q.shard_size, q.seed)
         tokenizer_source, is_quickstart, num_train = str(qs.vocab_dir), True, qs.num_train
     sources = [list(qs.train_urls) if entry == QUICKSTART else expand_source(entry) for entry in d.train]
-    train = [url for source in sources for url in source]
     for entry in d.val:
         val += qs.val_urls if entry == QUICKSTART else expand_source(entry)
-    if not train:
+    if not any(sources):
         raise EvlpError("data.train is empty; name at least one shard folder, brace pattern or `quickstart`")
     if d.train != [QUICKSTART]:
         num_train = None  # counted from the shards' stats
-    return RunData(train, val, tokenizer_source, is_quickstart, num_train, train_sources=sources,
-                   train_weights=weights)
+    return RunData(sources, val, tokenizer_source, is_quickstart, num_train, train_weights=weights)
 
 
 def build_tokenizer(cfg: DictConfig, run_data: RunData):
@@ -79,16 +78,13 @@ def build_datasets(cfg: DictConfig, run_data: RunData, hf_tokenizer):
     # write, to pass through shared memory and to copy to the GPU)
     transform = train_transform(d.image_size, crop_scale=tuple(d.crop_scale), color_jitter=d.color_jitter,
                                 hflip=d.hflip, normalize=False)
-    if run_data.train_weights is None:
-        train = ImageTextShards(run_data.train_urls, text, transform, d.batch_size, train=True, seed=cfg.seed,
-                                shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train)
-    else:
-        train = ImageTextShards(run_data.train_sources, text, transform, d.batch_size, train=True, seed=cfg.seed,
-                                shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train,
-                                weights=run_data.train_weights)
-        if rank_zero_only.rank == 0:
-            for line in train.mixture_summary():
-                print(f"data mixture: {line}", file=sys.stderr)
+    # Each data.train entry is a source: mixed pair by pair, by size or by data.train_weights (evlp.data.shards).
+    train = ImageTextShards(run_data.train_sources, text, transform, d.batch_size, train=True, seed=cfg.seed,
+                            shuffle_buffer=d.shuffle_buffer, num_samples=run_data.num_train,
+                            weights=run_data.train_weights, open_shards=d.open_shards)
+    if rank_zero_only.rank == 0:
+        for line in train.mixture_summary():
+            print(f"data mixture: {line}", file=sys.stderr)
     val = None
     if run_data.val_urls:
         val = ImageTextShards(run_data.val_urls, text, eval_transform(d.image_size), d.eval_batch_size, train=False)

@@ -9,7 +9,9 @@ Run manual::
     evlp train --config training/s_smke base_dir=/data resume=latest               # continue after a stop
 
 Outputs: ``<log_dir>/<run_name>/`` holds config.yaml, metrics.csv, TensorBoard events, results.json, curves.png,
-retrieval_examples.png and report.md; checkpoints go to ``<model_path>/<run_name>/model-{step}-{loss:.4f}-train.ckpt``.
+retrieval_examples.png and report.md; checkpoints go to ``<model_path>/<run_name>/model-{step}-{loss:.4f}-train.ckpt``
+(the newest, for resume) and, with validation data, ``model-{step}-{val_loss:.4f}-val.ckpt`` (the lowest ``val/loss``
+so far, as the original kept).
 Folders that hold an earlier run are continued only with ``resume=``; otherwise the run is renamed ``<run_name>-2``,
 ... (``evlp.train.runs``).
 """
@@ -34,7 +36,8 @@ from evlp.config import save_config
 from evlp.data.shards import make_loader
 from evlp.flops import pair_flops, peak_flops
 from evlp.models.build import check_weight_files
-from evlp.train.callbacks import CSVLogger, DataPosition, SkippedSamples, StepCheckpoint, Throughput
+from evlp.train.callbacks import (BestCheckpoint, CSVLogger, DataPosition, SkippedSamples, StepCheckpoint,
+                                  Throughput)
 from evlp.train.checkpoint import AtomicCheckpointIO, checked_resume_state, init_student_from, resolve_resume
 from evlp.train.data import build_datasets, build_tokenizer, prepare_run_data
 from evlp.train.eval_callbacks import benchmark_callbacks
@@ -109,10 +112,12 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
         csv_logger.truncate_after(resumed["global_step"] if resumed else 0)
     checkpoints = StepCheckpoint(checkpoint_dir, t.checkpoint_every_n_steps, t.keep_last_checkpoints)
     skipped = SkippedSamples(train_set)
+    best = BestCheckpoint(checkpoint_dir, "val/loss", "min") if val_set is not None else None
     callbacks = [
         DataPosition(train_set),  # before StepCheckpoint: a checkpoint must include the batch it was saved after
         skipped,
         checkpoints,
+        *([best] if best is not None else []),
         Throughput(pair_flops(module.student, module.teacher, cfg.data.max_text_len).total, peak_flops(t.accelerator)),
         LearningRateMonitor(logging_interval="step"),
         *benchmark_callbacks(cfg, text_tokenizer, val_set),
@@ -160,6 +165,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks=()) -> dict:
         module.student.eval()
         results = evaluate_pretrained(cfg, module.student, text_tokenizer, val_set, device, run_dir)
         results["checkpoint"] = str(checkpoints.last_path) if checkpoints.last_path else None
+        if best is not None:
+            results["best_checkpoint"] = best.summary()  # the lowest val/loss; null values if no validation ran
         results["steps"] = trainer.global_step
         results["skipped_samples"] = skipped.totals  # by reason, all ranks: {} when every sample was usable
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -89,6 +89,14 @@ def plot_curves(metrics_csv: Path, out: Path, panels: list[tuple[str, list[str]]
     return True
 
 
+def _best_line(results: dict) -> str:
+    best = results.get("best_checkpoint") or {}
+    if not best.get("checkpoint") or not Path(best["checkpoint"]).is_file():
+        return ""
+    return (f" Lowest {best['monitor']} {best['value']:.4f} at step {best['step']}: `{best['checkpoint']}` (the "
+            f"evaluation below is of the last weights).")
+
+
 def write_report(cfg: DictConfig, run_dir: Path, results: dict) -> str:
     table = results_table(results)
     has_curves = plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
@@ -97,7 +105,7 @@ def write_report(cfg: DictConfig, run_dir: Path, results: dict) -> str:
         f"# {cfg.run_name}",
         "",
         f"Steps: {results.get('steps')}; " + (f"last checkpoint: `{results['checkpoint']}`." if results.get(
-            "checkpoint") and Path(results["checkpoint"]).is_file() else "no checkpoint kept."),
+            "checkpoint") and Path(results["checkpoint"]).is_file() else "no checkpoint kept.") + _best_line(results),
         "",
         table,
         "",
